@@ -1,0 +1,120 @@
+"""The regrouping engine: runs a Program, each block only on the samples routed to it.
+
+Per block: partition(decisions) -> gather(active rows) -> branch(sub-batch) ->
+scatter(+residual, ReLU) into the shortcut output. Skipped samples take the shortcut
+only; for an identity shortcut they are not touched at all (the scatter writes into the
+block input in place, which the engine owns). Eval-mode BatchNorm is per-sample, so
+compaction computes the same function as the official masked execution.
+
+The engine keeps no per-call state, so one engine may be called from several threads.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .ops import Backend, get_backend
+from .program import Program, ProgramBlock, lower
+
+
+class Engine:
+    """A compiled model. ``engine(x)`` -> logits; ``engine(x, return_routing=True)`` ->
+    (logits, routing[N, K] bool); ``engine(x, routing=r)`` runs a given routing instead of
+    the model's router (e.g. all True for the dense baseline)."""
+
+    def __init__(self, program: Program, backend: Backend):
+        self.program = program
+        self.backend = backend
+        self.model = program.model
+        # Freeze where the weights live, so inputs can be checked cheaply.
+        self._param = next(self.model.parameters())
+
+    @property
+    def num_blocks(self) -> int:
+        return self.program.num_blocks
+
+    def __repr__(self) -> str:
+        return (f"Engine(model={self.model.model_name}, blocks={self.num_blocks}, "
+                f"router={self.program.router}, backend={self.backend.name}, "
+                f"bn_folded={self.program.folded})")
+
+    # ----------------------------------------------------------------------------------
+    def __call__(self, x: torch.Tensor, return_routing: bool = False,
+                 routing: Optional[torch.Tensor] = None):
+        self.model.check_input(x)
+        if routing is not None:
+            routing = self._check_routing(routing, x.shape[0], x.device)
+        with torch.inference_mode():
+            logits, used = self._run(x, routing)
+        return (logits, used) if return_routing else logits
+
+    def _check_routing(self, routing: torch.Tensor, n: int, device: torch.device) -> torch.Tensor:
+        if not isinstance(routing, torch.Tensor) or routing.dtype != torch.bool:
+            raise TypeError(f"routing must be a bool tensor [N, {self.num_blocks}], got "
+                            f"{getattr(routing, 'dtype', type(routing).__name__)}")
+        if tuple(routing.shape) != (n, self.num_blocks):
+            raise ValueError(f"routing must have shape [{n}, {self.num_blocks}], got "
+                             f"{tuple(routing.shape)}")
+        return routing.to(device)
+
+    def _run(self, x: torch.Tensor, forced: Optional[torch.Tensor]):
+        prog = self.program
+        model = self.model
+        n = x.shape[0]
+        k_total = prog.num_blocks
+        if n == 0:
+            return model._empty_result(x)
+        if forced is not None:
+            routing = forced.clone()
+        elif prog.router == "planned":
+            routing = model.decide(model.policy_probs(x))
+        else:
+            routing = torch.ones((n, k_total), dtype=torch.bool, device=x.device)
+
+        h = prog.stem(x)
+        online = prog.router == "online" and forced is None
+        state = model.gate_init_state(n, h) if online else None
+        for k, block in enumerate(prog.blocks):
+            h = self._run_block(block, h, routing[:, k])
+            if online and k + 1 < k_total:
+                p, state = model.gate_step(prog.gates[k], h, state)
+                routing[:, k + 1] = model.decide(p)
+        return prog.head(h), routing
+
+    def _run_block(self, block: ProgramBlock, h: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        n = h.shape[0]
+        active = int(mask.sum())
+        if active == n:  # fast path: the whole batch, no gather or scatter
+            y = block.branch(h)
+            return y.add_(self._shortcut(block, h)).relu_()
+        out = self._shortcut(block, h)
+        if active == 0:  # fast path: shortcut only
+            return out
+        ops = self.backend
+        idx, _ = ops.partition(mask)
+        y = block.branch(ops.gather_rows(h, idx, active))
+        # For an identity shortcut ``out is h``: the scatter writes into the engine-owned
+        # activation in place and the skipped rows are never touched.
+        ops.scatter_residual_relu_(out, y, idx, active)
+        return out
+
+    def _shortcut(self, block: ProgramBlock, h: torch.Tensor) -> torch.Tensor:
+        if block.shortcut_kind == "identity":
+            return h
+        if block.shortcut_kind == "downsample_b":
+            return self.backend.downsample_b(h, block.out_channels)
+        return block.shortcut(h)
+
+
+def compile(model: torch.nn.Module, backend: str = "auto", fold_bn: bool = True) -> Engine:
+    """Compile an eval-mode dynexec model into a regrouping Engine.
+
+    backend: 'auto' (native on CPU; triton -> native -> torch on CUDA), 'native',
+    'triton' or 'torch'. fold_bn: fold eval-mode BatchNorm into the block convolutions
+    (changes results only by float rounding). The engine snapshots the weights: compile
+    again after changing the model.
+    """
+    program = lower(model, fold_bn=fold_bn)
+    device = next(model.parameters()).device
+    return Engine(program, get_backend(backend, device))

@@ -1,0 +1,137 @@
+"""Pieces shared by the SkipNet and BlockDrop re-implementations.
+
+Every dynamic model in dynexec exposes the small *routed-model interface* that the
+lowering in ``dynexec.program`` reads (see ``RoutedModel``). The eager ``forward`` of each
+model is the official masked semantics and serves as the reference for the engine.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import nn
+
+
+def conv3x3(in_planes: int, out_planes: int, stride: int = 1) -> nn.Conv2d:
+    return nn.Conv2d(in_planes, out_planes, kernel_size=3, stride=stride, padding=1, bias=False)
+
+
+def official_init_(model: nn.Module, zero_linear_bias: bool = False) -> None:
+    """The initialisation both official code bases use (only matters before training)."""
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            n = m.kernel_size[0] * m.kernel_size[1] * m.out_channels
+            nn.init.normal_(m.weight, 0.0, math.sqrt(2.0 / n))
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Linear):
+            n = m.weight.size(0) * m.weight.size(1)
+            nn.init.normal_(m.weight, 0.0, math.sqrt(2.0 / n))
+            if zero_linear_bias and m.bias is not None:
+                nn.init.zeros_(m.bias)
+
+
+@dataclass(frozen=True)
+class BlockView:
+    """One residual block as the engine sees it.
+
+    branch:   the residual function F(x) without the add (a callable module).
+    shortcut: None for identity, else a module mapping the block input to the residual.
+    shortcut_kind: 'identity' | 'projection' | 'downsample_b'.
+    out_channels: channels of the block output.
+    """
+
+    branch: nn.Module
+    shortcut: Optional[nn.Module]
+    shortcut_kind: str
+    out_channels: int
+
+
+def check_input(x, *, model_name: str, in_channels: int, size: int,
+                param: torch.Tensor) -> None:
+    """Raise a clear error unless ``x`` is an [N, C, size, size] floating tensor on the
+    model's device with the model's dtype."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{model_name}: expected a torch.Tensor input, got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise TypeError(f"{model_name}: expected a floating-point input of dtype {param.dtype}, "
+                        f"got dtype {x.dtype}")
+    if x.dtype != param.dtype:
+        raise TypeError(f"{model_name}: expected input dtype {param.dtype} (the model's dtype), "
+                        f"got {x.dtype}; convert the input or the model with .to(dtype)")
+    if x.device != param.device:
+        raise ValueError(f"{model_name}: expected input on device {param.device} (the model's "
+                         f"device), got {x.device}")
+    if x.dim() != 4:
+        raise ValueError(f"{model_name}: expected a 4-D input [N, {in_channels}, {size}, {size}], "
+                         f"got shape {tuple(x.shape)}")
+    if x.shape[1] != in_channels:
+        raise ValueError(f"{model_name}: expected {in_channels} input channels, got "
+                         f"{x.shape[1]} (shape {tuple(x.shape)})")
+    if x.shape[2] != size or x.shape[3] != size:
+        raise ValueError(f"{model_name}: expected spatial size {size}x{size} (the architecture's "
+                         f"pooling is fixed to it), got {x.shape[2]}x{x.shape[3]}")
+
+
+class RoutedModel(nn.Module):
+    """Base class of every model dynexec can compile.
+
+    Subclasses set ``router`` to 'none', 'online' (SkipNet) or 'planned' (BlockDrop) and
+    implement the methods below. The eager ``forward`` is the official semantics.
+    """
+
+    router: str = "none"
+    input_size: int = 32
+    in_channels: int = 3
+    model_name: str = "model"
+
+    # -- interface read by dynexec.program -------------------------------------------
+    def stem(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def block_views(self) -> list[BlockView]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def head(self, h: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self.block_views())
+
+    @property
+    def num_classes(self) -> int:
+        return self.fc.out_features
+
+    def check_input(self, x: torch.Tensor) -> None:
+        check_input(x, model_name=self.model_name, in_channels=self.in_channels,
+                    size=self.input_size, param=next(self.parameters()))
+
+    # -- public API ------------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_routing(x)[0]
+
+    def forward_routing(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Official masked execution: every block runs on every sample, then the 0/1
+        decision selects block output or shortcut. Returns (logits, routing[N, K] bool)."""
+        self.check_input(x)
+        n = x.shape[0]
+        if n == 0:
+            return self._empty_result(x)
+        return self._masked_forward(x)
+
+    def _empty_result(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = x.new_zeros((0, self.num_classes))
+        return logits, torch.zeros((0, self.num_blocks), dtype=torch.bool, device=x.device)
+
+    def _masked_forward(self, x: torch.Tensor):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+def run_block_dense(view: BlockView, h: torch.Tensor) -> torch.Tensor:
+    """relu(F(h) + shortcut(h)) for the whole batch (the executed-block formula)."""
+    residual = h if view.shortcut is None else view.shortcut(h)
+    return torch.relu(residual + view.branch(h))

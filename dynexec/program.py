@@ -1,0 +1,136 @@
+"""Lowering a routed model into the normalized program the engine executes.
+
+    stem(x) -> h
+    for each block k: executed -> h = relu(branch_k(h) + shortcut_k(h))
+                      skipped  -> h = shortcut_k(h)              (no ReLU)
+    head(h) -> logits
+    router: none | planned (policy on the input) | online (gate after each block)
+
+Nothing below knows which paper a model came from: the model supplies its stem, block
+views, head, and router functions (``dynexec.models.common.RoutedModel``). With
+``fold_bn`` the eval-mode BatchNorms of branches and projection shortcuts are folded into
+their convolutions (float64 arithmetic, then cast), which changes results only by float
+rounding.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .models.blockdrop import BasicBlock as BDBasic, Bottleneck as BDBottleneck, DownsampleB
+from .models.common import BlockView, RoutedModel
+from .models.skipnet import BasicBlock as SNBasic, Bottleneck as SNBottleneck
+
+
+@dataclass(frozen=True)
+class FoldedConv:
+    weight: torch.Tensor
+    bias: torch.Tensor
+    stride: int
+    padding: int
+    relu: bool
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.conv2d(x, self.weight, self.bias, self.stride, self.padding)
+        return torch.relu_(y) if self.relu else y
+
+
+def fold_conv_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d, relu: bool) -> FoldedConv:
+    """conv (no bias or bias) followed by eval-mode BN, as one conv with bias."""
+    if conv.groups != 1 or conv.dilation != (1, 1) or conv.stride[0] != conv.stride[1] \
+            or conv.padding[0] != conv.padding[1]:
+        raise ValueError(f"cannot fold {conv}: only square, ungrouped, undilated convs are folded")
+    dtype = conv.weight.dtype
+    w = conv.weight.detach().double()
+    scale = bn.weight.detach().double() / torch.sqrt(bn.running_var.detach().double() + bn.eps)
+    bias = conv.bias.detach().double() if conv.bias is not None else torch.zeros_like(scale)
+    folded_w = (w * scale.view(-1, 1, 1, 1)).to(dtype)
+    folded_b = (bn.bias.detach().double() + (bias - bn.running_mean.detach().double()) * scale).to(dtype)
+    return FoldedConv(folded_w.contiguous(), folded_b, conv.stride[0], conv.padding[0], relu)
+
+
+class FoldedChain:
+    """A sequence of folded convs: the branch or the projection shortcut of a block."""
+
+    def __init__(self, convs: list[FoldedConv]):
+        self.convs = tuple(convs)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        for conv in self.convs:
+            x = conv(x)
+        return x
+
+    @property
+    def weights(self) -> list[torch.Tensor]:
+        return [c.weight for c in self.convs]
+
+
+def _fold_branch(module: nn.Module) -> Optional[FoldedChain]:
+    block = getattr(module, "block", module)  # SkipNet branches are adapters over a block
+    if isinstance(block, (SNBasic, BDBasic)):
+        return FoldedChain([fold_conv_bn(block.conv1, block.bn1, True),
+                            fold_conv_bn(block.conv2, block.bn2, False)])
+    if isinstance(block, (SNBottleneck, BDBottleneck)):
+        return FoldedChain([fold_conv_bn(block.conv1, block.bn1, True),
+                            fold_conv_bn(block.conv2, block.bn2, True),
+                            fold_conv_bn(block.conv3, block.bn3, False)])
+    return None
+
+
+def _fold_projection(module: nn.Module) -> Optional[FoldedChain]:
+    if isinstance(module, nn.Sequential) and len(module) == 2 \
+            and isinstance(module[0], nn.Conv2d) and isinstance(module[1], nn.BatchNorm2d):
+        return FoldedChain([fold_conv_bn(module[0], module[1], False)])
+    return None
+
+
+@dataclass(frozen=True)
+class ProgramBlock:
+    branch: Callable[[torch.Tensor], torch.Tensor]
+    shortcut_kind: str                      # 'identity' | 'projection' | 'downsample_b'
+    shortcut: Optional[Callable[[torch.Tensor], torch.Tensor]]
+    out_channels: int
+
+
+@dataclass(frozen=True)
+class Program:
+    model: RoutedModel
+    stem: Callable[[torch.Tensor], torch.Tensor]
+    blocks: tuple[ProgramBlock, ...]
+    head: Callable[[torch.Tensor], torch.Tensor]
+    router: str                              # 'none' | 'planned' | 'online'
+    gates: tuple[nn.Module, ...] = ()
+    folded: bool = False
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self.blocks)
+
+
+def _lower_block(view: BlockView, fold_bn: bool) -> ProgramBlock:
+    branch = _fold_branch(view.branch) if fold_bn else None
+    shortcut = view.shortcut
+    if view.shortcut_kind == "projection" and fold_bn:
+        shortcut = _fold_projection(view.shortcut) or view.shortcut
+    if view.shortcut_kind == "downsample_b" and not isinstance(view.shortcut, DownsampleB):
+        raise TypeError(f"downsample_b shortcut must be a DownsampleB, got {type(view.shortcut)}")
+    return ProgramBlock(branch=branch or view.branch, shortcut_kind=view.shortcut_kind,
+                        shortcut=shortcut, out_channels=view.out_channels)
+
+
+def lower(model: RoutedModel, fold_bn: bool = True) -> Program:
+    """Lower an eval-mode routed model into a Program."""
+    if not isinstance(model, RoutedModel):
+        raise TypeError(f"dynexec can compile the models of dynexec.models (SkipNet, BlockDrop, "
+                        f"plain ResNets); got {type(model).__name__}")
+    if model.training:
+        raise ValueError("compile expects an eval-mode model (BatchNorm must use running "
+                         "statistics); call model.eval() first")
+    blocks = tuple(_lower_block(v, fold_bn) for v in model.block_views())
+    gates = tuple(model.gates()) if model.router == "online" else ()
+    return Program(model=model, stem=model.stem, blocks=blocks, head=model.head,
+                   router=model.router, gates=gates, folded=fold_bn)
