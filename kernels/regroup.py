@@ -1,0 +1,562 @@
+"""Triton kernels + Python launchers for the dynexec regrouping ops.
+
+Semantics are defined by :mod:`dynexec.ops.reference` (the contract); this module
+reproduces them with Triton kernels:
+
+* :func:`partition`              stable compaction of a boolean routing mask
+* :func:`gather_rows`            ``y[i] = x[idx[i]]`` for ``i < count``
+* :func:`scatter_residual_relu_` ``out[idx[i]] = relu(y[i] + out[idx[i]])`` in place
+* :func:`downsample_b`           2x2 avg pool + zero channels (BlockDrop shortcut B)
+
+Running on CPU tensors (tests, no GPU)
+-------------------------------------
+Triton decides *when a kernel is decorated* whether it is compiled for a GPU or run by
+the Triton interpreter: ``TRITON_INTERPRET=1`` must be in the environment **before this
+module is imported** (i.e. before the ``@triton.jit`` decorators run). If the module was
+imported without it, set the variable and ``importlib.reload`` this module; the torch ops
+in :mod:`dynexec.kernels.ops` look the launchers up at call time, so they follow the
+reload. Launching a compiled (non-interpreted) kernel on CPU tensors raises a
+``RuntimeError`` explaining this.
+
+Layout
+------
+All 4-D tensors here have the batch dimension outermost both in NCHW-contiguous and in
+channels_last layout, so one "row" (sample) is one contiguous run of ``numel // N``
+elements. gather/scatter therefore copy rows as flat vectors. Non-contiguous inputs to
+``gather_rows`` are first made row-contiguous (``x.contiguous(memory_format=...)``,
+a copy); ``scatter_residual_relu_`` refuses a non-row-contiguous ``out`` (it must write
+in place) and converts ``y`` to ``out``'s layout if needed. ``downsample_b`` reads its
+input through strides, so it never copies.
+
+Index safety
+------------
+Kernels mask every load/store with ``0 <= row < N`` so an out-of-range index can never
+touch memory outside the tensors (gather writes zeros for such rows, scatter skips them).
+On CPU (interpreter) the launchers additionally validate ``idx[:count]`` and raise a
+``ValueError``. On CUDA that check would need a device->host sync, so it is skipped
+(set ``dynexec.kernels.regroup.CHECK_INDICES_ON_DEVICE = True`` to force it while
+debugging); distinctness of scatter indices is never checked (contract requirement).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+try:  # torch >= 2.6; keeps kernels traceable by torch.compile when used inside triton_op
+    from torch.library import wrap_triton as _wrap_triton
+except ImportError:  # pragma: no cover - older torch
+    def _wrap_triton(kernel):
+        return kernel
+
+__all__ = [
+    "partition",
+    "gather_rows",
+    "scatter_residual_relu_",
+    "downsample_b",
+    "SUPPORTED_DTYPES",
+    "kernels_interpreted",
+]
+
+SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+#: Validate index ranges on CUDA too (costs a device->host sync per call).
+CHECK_INDICES_ON_DEVICE = False
+
+# Partition: masks up to this size are handled by a single program (one launch).
+_PARTITION_SINGLE_MAX = 4096
+# Partition block size of the multi-block path.
+_PARTITION_BLOCK = 1024
+# Max row-chunk programs along grid axis 1 (CUDA limit for grid.y is 65535).
+_MAX_GRID_Y = 65535
+# Max programs along grid axis 0 (CUDA limit for grid.x is 2**31 - 1).
+_MAX_GRID_X = 2**31 - 1
+
+
+# ---------------------------------------------------------------------------------------
+# Kernels
+# ---------------------------------------------------------------------------------------
+@triton.jit
+def _f32_to_bf16_rne(v):
+    """fp32 -> bf16 with round-to-nearest-even done in integer arithmetic.
+
+    Only used under the Triton interpreter (SOFT_BF16=True): its fp32->bf16 cast
+    truncates (and its "rtne" mode rounds half up without carry), which differs from
+    torch and from the GPU's native cvt.rn.bf16.f32 by 1 ulp. NaN stays a quiet NaN."""
+    bits = v.to(tl.uint32, bitcast=True)
+    rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+    res = tl.where(v != v, (bits >> 16) | 0x40, rounded)
+    return res.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+
+
+@triton.jit
+def _cast_to(v, dtype: tl.constexpr, SOFT_BF16: tl.constexpr):
+    if SOFT_BF16:
+        return _f32_to_bf16_rne(v)
+    else:
+        return v.to(dtype)
+
+@triton.jit
+def _partition_block_count_kernel(mask_ptr, block_counts_ptr, N, BLOCK: tl.constexpr):
+    """block_counts[b] = number of True entries of mask[b*BLOCK : (b+1)*BLOCK]."""
+    pid = tl.program_id(0)
+    offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    m = tl.load(mask_ptr + offs, mask=offs < N, other=0)
+    active = (m != 0).to(tl.int32)
+    tl.store(block_counts_ptr + pid, tl.sum(active, axis=0))
+
+
+@triton.jit
+def _partition_write_kernel(
+    mask_ptr,
+    idx_ptr,
+    count_ptr,
+    block_counts_ptr,
+    N,
+    num_blocks,
+    BLOCK: tl.constexpr,
+    SCAN_BLOCK: tl.constexpr,
+    MULTI_BLOCK: tl.constexpr,
+):
+    """Write the stable partition permutation.
+
+    Row i with mask True goes to position (#True before i); row i with mask False goes
+    to count + (#False before i). In the multi-block case each program first reduces
+    the per-block counts of all preceding blocks (and all blocks for the total).
+    """
+    pid = tl.program_id(0)
+    base = pid.to(tl.int64) * BLOCK
+    offs = base + tl.arange(0, BLOCK)
+    in_range = offs < N
+    m = tl.load(mask_ptr + offs, mask=in_range, other=0)
+    active = ((m != 0) & in_range).to(tl.int32)
+    incl = tl.cumsum(active, axis=0)  # inclusive count of actives within the block
+
+    if MULTI_BLOCK:
+        prefix = tl.zeros((), dtype=tl.int64)
+        total = tl.zeros((), dtype=tl.int64)
+        for start in range(0, num_blocks, SCAN_BLOCK):
+            b = start + tl.arange(0, SCAN_BLOCK)
+            bc = tl.load(block_counts_ptr + b, mask=b < num_blocks, other=0).to(tl.int64)
+            total += tl.sum(bc, axis=0)
+            prefix += tl.sum(tl.where(b < pid, bc, 0), axis=0)
+    else:
+        prefix = tl.zeros((), dtype=tl.int64)
+        total = tl.sum(active, axis=0).to(tl.int64)
+
+    act_before_incl = prefix + incl.to(tl.int64)  # actives in [0, i]
+    # position of an active row: actives strictly before it
+    pos_active = act_before_incl - 1
+    # position of an inactive row: total + inactives strictly before it
+    pos_inactive = total + (offs - act_before_incl)
+    pos = tl.where(active != 0, pos_active, pos_inactive)
+    tl.store(idx_ptr + pos, offs, mask=in_range)
+    if pid == 0:
+        tl.store(count_ptr, total)
+
+
+@triton.jit
+def _gather_rows_kernel(
+    x_ptr,
+    idx_ptr,
+    y_ptr,
+    N,
+    ROW,
+    count,
+    BLOCK: tl.constexpr,
+):
+    """y[i, :] = x[idx[i], :] for rows of ROW contiguous elements. grid = (rows, chunks)."""
+    i = tl.program_id(0)
+    if i < count:  # surplus programs (if any) exit
+        src = tl.load(idx_ptr + i)  # int64
+        valid = (src >= 0) & (src < N)
+        load_limit = tl.where(valid, ROW, 0)  # invalid index: load nothing, write zeros
+        src_base = src * ROW  # int64: rows may exceed 2**31 elements in total
+        dst_base = i.to(tl.int64) * ROW
+        step = tl.num_programs(1) * BLOCK
+        for start in range(tl.program_id(1) * BLOCK, ROW, step):
+            cols = start + tl.arange(0, BLOCK)
+            cols = tl.max_contiguous(tl.multiple_of(cols, BLOCK), BLOCK)
+            cmask = cols < ROW
+            v = tl.load(x_ptr + src_base + cols, mask=cols < load_limit, other=0)
+            tl.store(y_ptr + dst_base + cols, v, mask=cmask)
+
+
+@triton.jit
+def _scatter_residual_relu_kernel(
+    out_ptr,
+    y_ptr,
+    idx_ptr,
+    N,
+    ROW,
+    count,
+    BLOCK: tl.constexpr,
+    UPCAST: tl.constexpr,
+    SOFT_BF16: tl.constexpr,
+):
+    """out[idx[i], :] = relu(y[i, :] + out[idx[i], :]). grid = (rows, chunks)."""
+    i = tl.program_id(0)
+    if i < count:
+        dst = tl.load(idx_ptr + i)  # int64
+        valid = (dst >= 0) & (dst < N)
+        limit = tl.where(valid, ROW, 0)  # invalid index: touch nothing
+        dst_base = dst * ROW
+        src_base = i.to(tl.int64) * ROW
+        step = tl.num_programs(1) * BLOCK
+        for start in range(tl.program_id(1) * BLOCK, ROW, step):
+            cols = start + tl.arange(0, BLOCK)
+            cols = tl.max_contiguous(tl.multiple_of(cols, BLOCK), BLOCK)
+            cmask = cols < limit
+            o = tl.load(out_ptr + dst_base + cols, mask=cmask, other=0)
+            y = tl.load(y_ptr + src_base + cols, mask=cmask, other=0)
+            if UPCAST:  # fp16/bf16: add in fp32 then round once (same as torch's CPU/CUDA add)
+                s = o.to(tl.float32) + y.to(tl.float32)
+            else:
+                s = o + y
+            # relu that keeps NaN (like torch.relu): NaN < 0 is False -> NaN kept
+            r = tl.where(s < 0, tl.zeros_like(s), s)
+            tl.store(out_ptr + dst_base + cols, _cast_to(r, out_ptr.dtype.element_ty, SOFT_BF16), mask=cmask)
+
+
+@triton.jit
+def _downsample_b_kernel(
+    x_ptr,
+    z_ptr,
+    total,  # N * C * HO * WO pooled elements
+    C,
+    HO,
+    WO,
+    sxn,
+    sxc,
+    sxh,
+    sxw,
+    szn,
+    szc,
+    szh,
+    szw,
+    RATIO,  # out_channels // C
+    BLOCK: tl.constexpr,
+    CHANNELS_LAST: tl.constexpr,
+    UPCAST: tl.constexpr,
+    SOFT_BF16: tl.constexpr,
+    INDEX_64: tl.constexpr,
+):
+    """One pass: pooled = (x00 + x01 + x10 + x11) * 0.25, z[:, :C] = pooled and
+    z[:, jC:(j+1)C] = pooled * 0 for j >= 1 (keeps NaN/Inf and the sign of zero exactly
+    as the reference). Work items are pooled elements enumerated in z's memory order so
+    stores are coalesced (NCHW: w fastest; NHWC: c fastest)."""
+    pid = tl.program_id(0)
+    if INDEX_64:
+        offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    else:
+        offs = pid * BLOCK + tl.arange(0, BLOCK)
+    emask = offs < total
+    if CHANNELS_LAST:
+        c = offs % C
+        t = offs // C
+        wo = t % WO
+        t = t // WO
+        ho = t % HO
+        n = t // HO
+    else:
+        wo = offs % WO
+        t = offs // WO
+        ho = t % HO
+        t = t // HO
+        c = t % C
+        n = t // C
+    xbase = n * sxn + c * sxc + (2 * ho) * sxh + (2 * wo) * sxw
+    x00 = tl.load(x_ptr + xbase, mask=emask, other=0)
+    x01 = tl.load(x_ptr + xbase + sxw, mask=emask, other=0)
+    x10 = tl.load(x_ptr + xbase + sxh, mask=emask, other=0)
+    x11 = tl.load(x_ptr + xbase + sxh + sxw, mask=emask, other=0)
+    if UPCAST:
+        x00 = x00.to(tl.float32)
+        x01 = x01.to(tl.float32)
+        x10 = x10.to(tl.float32)
+        x11 = x11.to(tl.float32)
+    pooled = (((x00 + x01) + x10) + x11) * 0.25
+    zbase = n * szn + c * szc + ho * szh + wo * szw
+    tl.store(z_ptr + zbase, _cast_to(pooled, z_ptr.dtype.element_ty, SOFT_BF16), mask=emask)
+    zeros = _cast_to(pooled * 0.0, z_ptr.dtype.element_ty, SOFT_BF16)
+    for j in range(1, RATIO):
+        tl.store(z_ptr + zbase + (j * C) * szc, zeros, mask=emask)
+
+
+# ---------------------------------------------------------------------------------------
+# Helpers
+# ---------------------------------------------------------------------------------------
+def kernels_interpreted() -> bool:
+    """True if this module's kernels were created under TRITON_INTERPRET=1."""
+    try:
+        from triton.runtime.interpreter import InterpretedFunction
+    except ImportError:  # pragma: no cover
+        return False
+    return isinstance(_gather_rows_kernel, InterpretedFunction)
+
+
+def _soft_bf16(dtype: torch.dtype) -> bool:
+    return dtype == torch.bfloat16 and kernels_interpreted()
+
+
+def _is_real(t: torch.Tensor) -> bool:
+    """False for fake / functional / meta tensors (no data to inspect)."""
+    if t.device.type == "meta":
+        return False
+    try:
+        from torch._subclasses.fake_tensor import is_fake
+    except ImportError:  # pragma: no cover
+        return True
+    return not is_fake(t) and not torch._is_functional_tensor(t)
+
+
+def _check_launchable(name: str, *tensors: torch.Tensor) -> torch.device:
+    dev = tensors[0].device
+    for t in tensors[1:]:
+        if t.device != dev:
+            raise RuntimeError(
+                f"{name}: all tensors must be on the same device; expected {dev}, got {t.device}"
+            )
+    if dev.type == "cuda" or dev.type == "meta":
+        return dev
+    if dev.type == "cpu":
+        if not kernels_interpreted():
+            raise RuntimeError(
+                f"{name}: CPU tensors need the Triton interpreter, but "
+                "dynexec.kernels.regroup was imported without TRITON_INTERPRET=1. Set "
+                "TRITON_INTERPRET=1 before importing it (or set it and "
+                "importlib.reload(dynexec.kernels.regroup))."
+            )
+        return dev
+    raise RuntimeError(f"{name}: unsupported device {dev}; expected a CUDA device or CPU (interpreter)")
+
+
+def _check_dtype(name: str, arg: str, t: torch.Tensor) -> None:
+    if t.dtype not in SUPPORTED_DTYPES:
+        raise ValueError(
+            f"{name}: {arg} must have dtype float32, float64, float16 or bfloat16, got {t.dtype}"
+        )
+
+
+def _check_count(name: str, count, idx: torch.Tensor, upper: int | None = None, upper_what: str = "") -> int:
+    if isinstance(count, bool) or not isinstance(count, (int, torch.SymInt)):
+        try:
+            import operator
+
+            count = operator.index(count)
+        except TypeError:
+            raise ValueError(f"{name}: count must be a Python int, got {type(count).__name__}") from None
+    if count < 0:
+        raise ValueError(f"{name}: count must be >= 0, got {count}")
+    if count > idx.numel():
+        raise ValueError(f"{name}: count must be <= idx.numel() = {idx.numel()}, got {count}")
+    if upper is not None and count > upper:
+        raise ValueError(f"{name}: count must be <= {upper_what} = {upper}, got {count}")
+    return count
+
+
+def _check_idx(name: str, idx: torch.Tensor) -> None:
+    if idx.dtype != torch.int64:
+        raise ValueError(f"{name}: idx must have dtype torch.int64, got {idx.dtype}")
+    if idx.dim() != 1:
+        raise ValueError(f"{name}: idx must be 1-D, got shape {tuple(idx.shape)}")
+
+
+def _check_idx_values(name: str, rows: torch.Tensor, n: int) -> None:
+    """Range check of idx[:count] (CPU always; CUDA only if CHECK_INDICES_ON_DEVICE)."""
+    if rows.numel() == 0 or not _is_real(rows):
+        return
+    if rows.device.type != "cpu" and not CHECK_INDICES_ON_DEVICE:
+        return
+    lo = int(rows.min())
+    hi = int(rows.max())
+    if lo < 0 or hi >= n:
+        bad = lo if lo < 0 else hi
+        raise ValueError(f"{name}: idx[:count] must be in [0, {n}), found {bad}")
+
+
+def _row_format(x: torch.Tensor) -> torch.memory_format:
+    """Same rule as the reference's _memory_format: channels_last only if the 4-D
+    tensor is channels_last-contiguous and not (also) NCHW-contiguous."""
+    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+def _is_row_contiguous(x: torch.Tensor) -> bool:
+    return x.is_contiguous() or (x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last))
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, (int(n) - 1).bit_length())
+
+
+def _row_launch_config(row: int) -> tuple[int, int, int]:
+    """(BLOCK, chunks along grid axis 1, num_warps) for row copies of `row` elements."""
+    block = min(4096, max(128, _next_pow2(row)))
+    chunks = min(triton.cdiv(row, block), _MAX_GRID_Y)
+    num_warps = 8 if block >= 2048 else 4
+    return block, chunks, num_warps
+
+
+# ---------------------------------------------------------------------------------------
+# Launchers
+# ---------------------------------------------------------------------------------------
+def partition(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stable compaction: idx = [active rows ascending] + [inactive rows ascending],
+    count = number of active rows as a 0-dim int64 tensor on mask's device. No host sync.
+
+    Masks with N <= 4096 use one program (one launch); larger masks use two launches
+    (per-block counts, then each block reduces the counts before it and writes)."""
+    if not isinstance(mask, torch.Tensor):
+        raise ValueError(f"partition: mask must be a torch.Tensor, got {type(mask).__name__}")
+    dev = _check_launchable("partition", mask)
+    m = mask.reshape(-1)
+    if m.dtype != torch.bool:
+        m = m != 0
+    m = m.contiguous().view(torch.uint8)
+    n = m.numel()
+    if n >= 2**31:
+        raise ValueError(f"partition: mask has {n} elements; at most 2**31 - 1 are supported")
+    idx = torch.empty(n, dtype=torch.int64, device=dev)
+    count = torch.zeros((), dtype=torch.int64, device=dev)
+    if n == 0:
+        return idx, count
+    if n <= _PARTITION_SINGLE_MAX:
+        block = max(16, _next_pow2(n))
+        _wrap_triton(_partition_write_kernel)[(1,)](
+            m, idx, count, count, n, 1,  # block_counts unused (count passed as a dummy pointer)
+            BLOCK=block, SCAN_BLOCK=16, MULTI_BLOCK=False, num_warps=8 if block >= 2048 else 4,
+        )
+        return idx, count
+    block = _PARTITION_BLOCK
+    num_blocks = triton.cdiv(n, block)
+    block_counts = torch.empty(num_blocks, dtype=torch.int32, device=dev)
+    _wrap_triton(_partition_block_count_kernel)[(num_blocks,)](m, block_counts, n, BLOCK=block, num_warps=4)
+    scan_block = min(1024, max(16, _next_pow2(num_blocks)))
+    _wrap_triton(_partition_write_kernel)[(num_blocks,)](
+        m, idx, count, block_counts, n, num_blocks,
+        BLOCK=block, SCAN_BLOCK=scan_block, MULTI_BLOCK=True, num_warps=4,
+    )
+    return idx, count
+
+
+def gather_rows(x: torch.Tensor, idx: torch.Tensor, count: int) -> torch.Tensor:
+    """y[i] = x[idx[i]] for i < count. y is fresh, keeps x's dtype/device/memory format.
+
+    A non-row-contiguous x is first copied to a row-contiguous layout (its reference
+    memory format), then rows are copied as flat vectors."""
+    name = "gather_rows"
+    if not isinstance(x, torch.Tensor) or not isinstance(idx, torch.Tensor):
+        raise ValueError(f"{name}: x and idx must be torch.Tensors")
+    _check_launchable(name, x, idx)
+    _check_dtype(name, "x", x)
+    if x.dim() < 1:
+        raise ValueError(f"{name}: x must have at least 1 dimension (rows), got a 0-dim tensor")
+    _check_idx(name, idx)
+    count = _check_count(name, count, idx)
+    n = x.shape[0]
+    rows = idx[:count]
+    _check_idx_values(name, rows, n)
+    fmt = _row_format(x)
+    y = torch.empty((count,) + tuple(x.shape[1:]), dtype=x.dtype, device=x.device, memory_format=fmt)
+    row = y[0].numel() if count > 0 else 0
+    if count == 0 or row == 0:
+        return y
+    if count > _MAX_GRID_X:
+        raise ValueError(f"{name}: count must be <= {_MAX_GRID_X}, got {count}")
+    xc = x.contiguous(memory_format=fmt)
+    rows = rows.contiguous()
+    block, chunks, num_warps = _row_launch_config(row)
+    _wrap_triton(_gather_rows_kernel)[(count, chunks)](
+        xc, rows, y, n, row, count, BLOCK=block, num_warps=num_warps
+    )
+    return y
+
+
+def scatter_residual_relu_(out: torch.Tensor, y: torch.Tensor, idx: torch.Tensor, count: int) -> None:
+    """out[idx[i]] = relu(y[i] + out[idx[i]]) for i < count, in place (fused, one pass).
+
+    out must be row-contiguous (NCHW-contiguous or channels_last); y is converted to
+    out's layout if it differs. idx[:count] must be distinct and in [0, N)."""
+    name = "scatter_residual_relu_"
+    if not all(isinstance(t, torch.Tensor) for t in (out, y, idx)):
+        raise ValueError(f"{name}: out, y and idx must be torch.Tensors")
+    _check_launchable(name, out, y, idx)
+    _check_dtype(name, "out", out)
+    if y.dtype != out.dtype:
+        raise ValueError(f"{name}: y must have the same dtype as out ({out.dtype}), got {y.dtype}")
+    if out.dim() < 1:
+        raise ValueError(f"{name}: out must have at least 1 dimension (rows), got a 0-dim tensor")
+    if y.dim() != out.dim() or tuple(y.shape[1:]) != tuple(out.shape[1:]):
+        raise ValueError(
+            f"{name}: y must have shape [>=count, {', '.join(map(str, out.shape[1:]))}] "
+            f"(matching out), got {tuple(y.shape)}"
+        )
+    _check_idx(name, idx)
+    n = out.shape[0]
+    count = _check_count(name, count, idx, upper=y.shape[0], upper_what="y.shape[0]")
+    if count > n:
+        raise ValueError(f"{name}: count must be <= out.shape[0] = {n} (indices are distinct), got {count}")
+    if not _is_row_contiguous(out):
+        raise RuntimeError(
+            f"{name}: out must be row-contiguous (contiguous or channels_last) to be updated in "
+            f"place; got shape {tuple(out.shape)} with strides {out.stride()}"
+        )
+    rows = idx[:count]
+    _check_idx_values(name, rows, n)
+    row = out[0].numel() if n > 0 else 0
+    if count == 0 or row == 0:
+        return None
+    fmt = torch.contiguous_format if out.is_contiguous() else torch.channels_last
+    yc = y[:count].contiguous(memory_format=fmt)
+    rows = rows.contiguous()
+    block, chunks, num_warps = _row_launch_config(row)
+    _wrap_triton(_scatter_residual_relu_kernel)[(count, chunks)](
+        out, yc, rows, n, row, count,
+        BLOCK=block, UPCAST=out.dtype in (torch.float16, torch.bfloat16),
+        SOFT_BF16=_soft_bf16(out.dtype), num_warps=num_warps,
+    )
+    return None
+
+
+def downsample_b(x: torch.Tensor, out_channels: int) -> torch.Tensor:
+    """z = cat([avg_pool2d(x, 2)] + [avg_pool2d(x, 2) * 0] * (out_channels // C - 1), 1)
+    in one pass; z keeps x's memory format (NCHW or channels_last). x is read through its
+    strides, so non-contiguous inputs are not copied."""
+    name = "downsample_b"
+    if not isinstance(x, torch.Tensor):
+        raise ValueError(f"{name}: x must be a torch.Tensor, got {type(x).__name__}")
+    dev = _check_launchable(name, x)
+    _check_dtype(name, "x", x)
+    if x.dim() != 4:
+        raise ValueError(f"{name}: x must be 4-D [N, C, H, W], got shape {tuple(x.shape)}")
+    n, c, h, w = x.shape
+    if isinstance(out_channels, bool) or not isinstance(out_channels, (int, torch.SymInt)):
+        raise ValueError(f"{name}: out_channels must be a Python int, got {type(out_channels).__name__}")
+    if c <= 0:
+        raise ValueError(f"{name}: x must have at least one channel, got shape {tuple(x.shape)}")
+    if out_channels <= 0 or out_channels % c != 0:
+        raise ValueError(
+            f"{name}: out_channels must be a positive multiple of C = {c}, got {out_channels}"
+        )
+    ho, wo = h // 2, w // 2
+    fmt = _row_format(x)
+    channels_last = fmt == torch.channels_last
+    z = torch.empty((n, out_channels, ho, wo), dtype=x.dtype, device=dev, memory_format=fmt)
+    total = n * c * ho * wo
+    if total == 0:
+        return z
+    # int32 index math unless some offset could overflow it
+    max_off = max(total, z.numel(), sum((s - 1) * abs(st) for s, st in zip(x.shape, x.stride())) + 1)
+    index_64 = max_off >= 2**31 - 1
+    block = 1024
+    _wrap_triton(_downsample_b_kernel)[(triton.cdiv(total, block),)](
+        x, z, total, c, ho, wo,
+        *x.stride(), *z.stride(),
+        out_channels // c,
+        BLOCK=block, CHANNELS_LAST=channels_last,
+        UPCAST=x.dtype in (torch.float16, torch.bfloat16), SOFT_BF16=_soft_bf16(x.dtype),
+        INDEX_64=index_64, num_warps=4,
+    )
+    return z
