@@ -64,6 +64,12 @@ fp32 before the dot. That is numerically identical to a bf16 tensor-core MMA wit
 fp32 accumulation (bf16 x bf16 products are exact in fp32). The interpreter also
 ignores TF32 (it computes in full fp32).
 
+Reload note: Triton binds its own ``@triton.jit`` helpers (``tl.cdiv``, ``tl.zeros``,
+...) when ``triton`` is first imported. If that happened without
+``TRITON_INTERPRET=1`` and this module is later reloaded with it (as the tests do),
+calling those helpers from an interpreted kernel fails, so the kernel uses only
+builtins (``tl.full``, integer arithmetic) and works in either import order.
+
 The module imports without Triton; then only the reference path, :func:`fold_bn`,
 :func:`pack_weight` and :func:`get_config` are usable.
 """
@@ -267,7 +273,7 @@ if HAS_TRITON:
         # 1-D grid, N-tiles fastest: consecutive programs share one gathered A tile
         # (better L2 reuse of the irregular input rows).
         pid = tl.program_id(0)
-        num_pid_n = tl.cdiv(Cout, BLOCK_N)
+        num_pid_n = (Cout + BLOCK_N - 1) // BLOCK_N  # not tl.cdiv: see note on reload
         pid_m = pid // num_pid_n
         pid_n = pid % num_pid_n
 
@@ -300,7 +306,7 @@ if HAS_TRITON:
         mask_n = offs_n < Cout
         offs_k = tl.arange(0, BLOCK_K)
 
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
+        acc = tl.full((BLOCK_M, BLOCK_N), 0.0, dtype=ACC_DTYPE)  # not tl.zeros: see note on reload
         ih0 = oh * STRIDE - PAD
         iw0 = ow * STRIDE - PAD
         x_row = n_src * stride_xn
