@@ -1,0 +1,122 @@
+// Argument checks and layout helpers shared by the CPU and CUDA op implementations.
+// Host-only (compiled by the C++ compiler and by nvcc's host pass).
+#pragma once
+
+#include <ATen/ATen.h>
+#include <c10/util/Exception.h>
+
+#include <cstdint>
+#include <vector>
+
+namespace dynexec {
+
+// Memory format of the reference output (dynexec/ops/reference.py::_memory_format):
+// channels_last only for a 4-D tensor that is channels_last-contiguous and not
+// also plain contiguous.
+inline at::MemoryFormat reference_memory_format(const at::Tensor& x) {
+  if (x.dim() == 4 && x.is_contiguous(at::MemoryFormat::ChannelsLast) && !x.is_contiguous()) {
+    return at::MemoryFormat::ChannelsLast;
+  }
+  return at::MemoryFormat::Contiguous;
+}
+
+// True if every row t[n] is one dense block laid out as a `fmt`-contiguous tensor
+// would lay it out (the batch stride itself may be anything). Size-1 dims are ignored.
+inline bool rows_dense(const at::Tensor& t, at::MemoryFormat fmt) {
+  const int64_t d = t.dim();
+  if (d <= 1) return true;
+  if (fmt == at::MemoryFormat::ChannelsLast) {
+    if (d != 4) return false;
+    const int64_t C = t.size(1), H = t.size(2), W = t.size(3);
+    if (C != 1 && t.stride(1) != 1) return false;
+    if (W != 1 && t.stride(3) != C) return false;
+    if (H != 1 && t.stride(2) != W * C) return false;
+    return true;
+  }
+  int64_t expected = 1;
+  for (int64_t i = d - 1; i >= 1; --i) {
+    if (t.size(i) != 1 && t.stride(i) != expected) return false;
+    expected *= t.size(i);
+  }
+  return true;
+}
+
+inline int64_t row_numel(const at::Tensor& t) {
+  int64_t n = 1;
+  for (int64_t i = 1; i < t.dim(); ++i) n *= t.size(i);
+  return n;
+}
+
+inline void check_mask(const at::Tensor& mask) {
+  TORCH_CHECK(mask.scalar_type() == at::kBool || mask.scalar_type() == at::kByte,
+              "dynexec::partition: expected mask of dtype torch.bool (or torch.uint8), but got ",
+              mask.scalar_type());
+  TORCH_CHECK(mask.dim() == 1, "dynexec::partition: expected a 1-D mask, but got a ",
+              mask.dim(), "-D tensor of shape ", mask.sizes());
+}
+
+// Checks of idx/count against a tensor with `n_rows` rows on `device`.
+inline void check_idx_count(const char* op, const at::Tensor& idx, int64_t count, int64_t n_rows,
+                            const at::Device& device) {
+  TORCH_CHECK(idx.scalar_type() == at::kLong, "dynexec::", op,
+              ": expected idx of dtype torch.int64, but got ", idx.scalar_type());
+  TORCH_CHECK(idx.device() == device, "dynexec::", op, ": expected idx on device ", device,
+              " (the data tensor's device), but got idx on ", idx.device());
+  TORCH_CHECK(idx.dim() == 1, "dynexec::", op, ": expected a 1-D idx, but got a ", idx.dim(),
+              "-D tensor of shape ", idx.sizes());
+  TORCH_CHECK(count >= 0 && count <= n_rows, "dynexec::", op, ": expected count in [0, ",
+              n_rows, "] (the number of rows), but got count=", count);
+  TORCH_CHECK(idx.numel() >= count, "dynexec::", op, ": expected idx.numel() >= count, but got ",
+              "idx.numel()=", idx.numel(), " < count=", count);
+}
+
+inline void check_gather_args(const at::Tensor& x, const at::Tensor& idx, int64_t count) {
+  TORCH_CHECK(x.dim() >= 1, "dynexec::gather_rows: expected x with at least 1 dimension, but got a ",
+              "0-D tensor");
+  check_idx_count("gather_rows", idx, count, x.size(0), x.device());
+}
+
+inline void check_scatter_args(const at::Tensor& out, const at::Tensor& y, const at::Tensor& idx,
+                               int64_t count) {
+  TORCH_CHECK(out.dim() >= 1,
+              "dynexec::scatter_residual_relu_: expected out with at least 1 dimension, but got a "
+              "0-D tensor");
+  TORCH_CHECK(y.device() == out.device(), "dynexec::scatter_residual_relu_: expected y on ",
+              out.device(), " (out's device), but got y on ", y.device());
+  TORCH_CHECK(y.scalar_type() == out.scalar_type(),
+              "dynexec::scatter_residual_relu_: expected y of dtype ", out.scalar_type(),
+              " (out's dtype), but got ", y.scalar_type());
+  TORCH_CHECK(at::isFloatingType(out.scalar_type()),
+              "dynexec::scatter_residual_relu_: expected a floating point out/y, but got ",
+              out.scalar_type());
+  bool same_row_shape = y.dim() == out.dim();
+  for (int64_t i = 1; same_row_shape && i < out.dim(); ++i) {
+    same_row_shape = y.size(i) == out.size(i);
+  }
+  TORCH_CHECK(same_row_shape,
+              "dynexec::scatter_residual_relu_: expected y of shape [count, *out.shape[1:]] = [",
+              count, ", ", out.sizes().slice(1), "], but got y of shape ", y.sizes(),
+              " for out of shape ", out.sizes());
+  check_idx_count("scatter_residual_relu_", idx, count, out.size(0), out.device());
+  TORCH_CHECK(y.size(0) >= count, "dynexec::scatter_residual_relu_: expected y with at least count=",
+              count, " rows, but got y of shape ", y.sizes());
+}
+
+inline void check_downsample_args(const at::Tensor& x, int64_t out_channels) {
+  TORCH_CHECK(x.dim() == 4, "dynexec::downsample_b: expected a 4-D x [N, C, H, W], but got a ",
+              x.dim(), "-D tensor of shape ", x.sizes());
+  TORCH_CHECK(at::isFloatingType(x.scalar_type()),
+              "dynexec::downsample_b: expected a floating point x, but got ", x.scalar_type());
+  const int64_t C = x.size(1);
+  TORCH_CHECK(C > 0, "dynexec::downsample_b: expected x with at least one channel, but got shape ",
+              x.sizes());
+  TORCH_CHECK(out_channels > 0 && out_channels % C == 0,
+              "dynexec::downsample_b: expected out_channels to be a positive multiple of C=", C,
+              ", but got out_channels=", out_channels);
+  TORCH_CHECK(x.size(2) >= 2 && x.size(3) >= 2,
+              "dynexec::downsample_b: expected H >= 2 and W >= 2 for the 2x2 average pool, but got "
+              "x of shape ",
+              x.sizes());
+}
+
+}  // namespace dynexec

@@ -1,0 +1,167 @@
+// CPU kernels of partition, gather_rows and scatter_residual_relu_.
+//
+// gather_rows / scatter_residual_relu_ work on rows: for NCHW-contiguous and
+// channels_last tensors every sample x[n] is one dense block, so a gathered row is a
+// memcpy and the scatter is a single fused pass over (out row, y row). The work is
+// split over count*row_len elements (not just rows) so that a handful of very large
+// rows still uses every thread.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstring>
+#include <tuple>
+#include <vector>
+
+#include "../checks.h"
+#include "../index_math.h"
+
+namespace dynexec {
+namespace {
+
+namespace im = index_math;
+
+// Elements per parallel chunk: large enough to amortise thread wake-up.
+constexpr int64_t kGrainElems = 32768;
+
+// Calls f(row, offset, len) for the row segments of [begin, end) of a flat
+// [count, row_len] range, splitting the whole range over the intra-op threads.
+template <typename F>
+void parallel_row_segments(int64_t count, int64_t row_len, int64_t grain, const F& f) {
+  at::parallel_for(0, count * row_len, grain, [&](int64_t begin, int64_t end) {
+    im::RowOffset ro = im::flat_to_row_offset(begin, row_len);
+    int64_t pos = begin;
+    while (pos < end) {
+      const int64_t len = std::min(row_len - ro.offset, end - pos);
+      f(ro.row, ro.offset, len);
+      pos += len;
+      ro.row += 1;
+      ro.offset = 0;
+    }
+  });
+}
+
+void check_indices_in_range(const char* op, const int64_t* idx, int64_t count, int64_t n_rows) {
+  for (int64_t i = 0; i < count; ++i) {
+    TORCH_CHECK(im::index_in_range(idx[i], n_rows), "dynexec::", op, ": idx[", i, "]=", idx[i],
+                " is out of range for a tensor with ", n_rows, " rows (expected 0 <= idx < ",
+                n_rows, ")");
+  }
+}
+
+void check_indices_distinct(const char* op, const int64_t* idx, int64_t count, int64_t n_rows) {
+  std::vector<uint8_t> seen(static_cast<size_t>(n_rows), 0);
+  for (int64_t i = 0; i < count; ++i) {
+    TORCH_CHECK(!seen[idx[i]], "dynexec::", op, ": idx[:count] must hold distinct rows, but row ",
+                idx[i], " appears more than once (again at position ", i, ")");
+    seen[idx[i]] = 1;
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor> partition_cpu(const at::Tensor& mask_) {
+  check_mask(mask_);
+  const at::Tensor mask = mask_.contiguous();
+  const int64_t n = mask.numel();
+  at::Tensor idx = at::empty({n}, mask.options().dtype(at::kLong));
+  const uint8_t* m = static_cast<const uint8_t*>(mask.data_ptr());
+  int64_t* out = idx.data_ptr<int64_t>();
+  int64_t total = 0;
+  for (int64_t i = 0; i < n; ++i) total += m[i] != 0;
+  int64_t before = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    const bool active = m[i] != 0;
+    out[im::partition_slot(active, i, before, total)] = i;
+    before += active;
+  }
+  at::Tensor count = at::scalar_tensor(total, mask.options().dtype(at::kLong));
+  return std::make_tuple(idx, count);
+}
+
+at::Tensor gather_rows_cpu(const at::Tensor& x_, const at::Tensor& idx_, int64_t count) {
+  check_gather_args(x_, idx_, count);
+  const int64_t n_rows = x_.size(0);
+  const at::Tensor idx = idx_.narrow(0, 0, count).contiguous();
+  const int64_t* ip = idx.data_ptr<int64_t>();
+  check_indices_in_range("gather_rows", ip, count, n_rows);
+
+  const at::MemoryFormat fmt = reference_memory_format(x_);
+  const at::Tensor x = rows_dense(x_, fmt) ? x_ : x_.contiguous(fmt);
+  std::vector<int64_t> sizes = x.sizes().vec();
+  sizes[0] = count;
+  at::Tensor y = at::empty(sizes, x.options().memory_format(fmt));
+  const int64_t row_len = row_numel(x);
+  if (count == 0 || row_len == 0) return y;
+
+  const int64_t esize = x.element_size();
+  const char* xp = static_cast<const char*>(x.data_ptr());
+  char* yp = static_cast<char*>(y.data_ptr());
+  const int64_t x_bstride = x.stride(0);
+  parallel_row_segments(count, row_len, kGrainElems, [&](int64_t r, int64_t off, int64_t len) {
+    std::memcpy(yp + im::row_element_offset(r, row_len, off) * esize,
+                xp + im::row_element_offset(ip[r], x_bstride, off) * esize,
+                static_cast<size_t>(len * esize));
+  });
+  return y;
+}
+
+// out[idx[r]] = relu(y[r] + out[idx[r]]) for r < count; idx == nullptr means identity.
+// Both out and y must have dense rows with the same in-row layout.
+void fused_scatter_rows(at::Tensor& out, const at::Tensor& y, const int64_t* ip, int64_t count,
+                        int64_t row_len) {
+  const int64_t o_bstride = out.stride(0);
+  const int64_t y_bstride = y.stride(0);
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, out.scalar_type(), "dynexec_scatter_residual_relu_cpu", [&] {
+        scalar_t* op = out.data_ptr<scalar_t>();
+        const scalar_t* yp = y.const_data_ptr<scalar_t>();
+        parallel_row_segments(count, row_len, kGrainElems, [&](int64_t r, int64_t off, int64_t len) {
+          const int64_t dst_row = ip ? ip[r] : r;
+          scalar_t* __restrict__ o = op + im::row_element_offset(dst_row, o_bstride, off);
+          const scalar_t* __restrict__ s = yp + im::row_element_offset(r, y_bstride, off);
+          for (int64_t j = 0; j < len; ++j) o[j] = im::relu_add<scalar_t>(o[j], s[j]);
+        });
+      });
+}
+
+void scatter_residual_relu_cpu(const at::Tensor& out_, const at::Tensor& y_, const at::Tensor& idx_,
+                               int64_t count) {
+  at::Tensor out = out_;
+  check_scatter_args(out, y_, idx_, count);
+  const int64_t n_rows = out.size(0);
+  const at::Tensor idx = idx_.narrow(0, 0, count).contiguous();
+  const int64_t* ip = idx.data_ptr<int64_t>();
+  check_indices_in_range("scatter_residual_relu_", ip, count, n_rows);
+  check_indices_distinct("scatter_residual_relu_", ip, count, n_rows);
+  const int64_t row_len = row_numel(out);
+  if (count == 0 || row_len == 0) return;
+
+  at::MemoryFormat fmt = at::MemoryFormat::Contiguous;
+  bool dense = rows_dense(out, fmt);
+  if (!dense && out.dim() == 4) {
+    fmt = at::MemoryFormat::ChannelsLast;
+    dense = rows_dense(out, fmt);
+  }
+  at::Tensor y = y_.narrow(0, 0, count);
+  if (dense) {
+    if (!rows_dense(y, fmt)) y = y.contiguous(fmt);
+    fused_scatter_rows(out, y, ip, count, row_len);
+    return;
+  }
+  // out's rows are not dense: work on a dense copy of the selected rows and write them
+  // back into out itself (never into a hidden copy of out).
+  at::Tensor rows = out.index_select(0, idx).contiguous();
+  y = y.contiguous();
+  fused_scatter_rows(rows, y, nullptr, count, row_len);
+  out.index_copy_(0, idx, rows);
+}
+
+}  // namespace
+}  // namespace dynexec
+
+TORCH_LIBRARY_IMPL(dynexec, CPU, m) {
+  m.impl("partition", &dynexec::partition_cpu);
+  m.impl("gather_rows", &dynexec::gather_rows_cpu);
+  m.impl("scatter_residual_relu_", &dynexec::scatter_residual_relu_cpu);
+}

@@ -1,0 +1,49 @@
+// dynexec._C: operator schemas of the regrouping ops (registered once, here) and the
+// Python module stub that makes the shared library importable as `dynexec._C`.
+//
+// Kernels are registered per backend with TORCH_LIBRARY_IMPL in csrc/cpu/*.cpp and
+// csrc/cuda/*.cu; fake (meta) kernels for torch.compile live in dynexec/ops/fake.py.
+#include <Python.h>
+
+#include <torch/library.h>
+
+#ifdef DYNEXEC_WITH_CUDA
+#include <cuda.h>
+#endif
+
+namespace dynexec {
+
+// CUDA_VERSION the extension was compiled against (e.g. 13000), or 0 for a CPU-only
+// build. Python compares it with torch.version.cuda at import.
+int64_t cuda_version() {
+#ifdef DYNEXEC_WITH_CUDA
+  return CUDA_VERSION;
+#else
+  return 0;
+#endif
+}
+
+}  // namespace dynexec
+
+TORCH_LIBRARY(dynexec, m) {
+  m.def("partition(Tensor mask) -> (Tensor idx, Tensor count)");
+  m.def("gather_rows(Tensor x, Tensor idx, SymInt count) -> Tensor");
+  m.def("scatter_residual_relu_(Tensor(a!) out, Tensor y, Tensor idx, SymInt count) -> ()");
+  m.def("downsample_b(Tensor x, SymInt out_channels) -> Tensor");
+  m.def("cuda_version() -> int", &dynexec::cuda_version);
+}
+
+// `import dynexec._C` only needs a module object; loading the library runs the static
+// registrations above. Built against the limited API (see setup.py).
+extern "C" {
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {
+      PyModuleDef_HEAD_INIT,
+      "_C",  // name
+      NULL,  // doc
+      -1,    // size of per-interpreter state
+      NULL,  // methods
+  };
+  return PyModule_Create(&module_def);
+}
+}

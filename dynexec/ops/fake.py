@@ -1,0 +1,37 @@
+"""Fake (meta) kernels of the native ops, for FakeTensor / torch.compile / opcheck.
+
+Imported by ``dynexec._native.load()`` after ``dynexec._C`` registered the schemas.
+Output shapes, dtypes and memory formats follow ``dynexec.ops.reference``.
+"""
+from __future__ import annotations
+
+import torch
+
+from .reference import _memory_format
+
+
+@torch.library.register_fake("dynexec::partition")
+def _partition_fake(mask: torch.Tensor):
+    n = mask.numel()
+    idx = mask.new_empty((n,), dtype=torch.int64)
+    count = mask.new_empty((), dtype=torch.int64)
+    return idx, count
+
+
+@torch.library.register_fake("dynexec::gather_rows")
+def _gather_rows_fake(x: torch.Tensor, idx: torch.Tensor, count):
+    torch._check(count >= 0)
+    torch._check(count <= x.shape[0])
+    return x.new_empty((count, *x.shape[1:])).contiguous(memory_format=_memory_format(x))
+
+
+@torch.library.register_fake("dynexec::scatter_residual_relu_")
+def _scatter_residual_relu_fake(out: torch.Tensor, y: torch.Tensor, idx: torch.Tensor, count):
+    return None
+
+
+@torch.library.register_fake("dynexec::downsample_b")
+def _downsample_b_fake(x: torch.Tensor, out_channels):
+    n, _, h, w = x.shape
+    z = x.new_empty((n, out_channels, h // 2, w // 2))
+    return z.contiguous(memory_format=_memory_format(x))

@@ -1,0 +1,127 @@
+"""Build script for dynexec.
+
+The C++/CUDA extension ``dynexec._C`` is built from csrc/ (see the extension section
+below). The Triton kernels in the top-level kernels/ folder are installed as the
+subpackage ``dynexec.kernels`` so that no top-level package named ``kernels`` lands in
+site-packages.
+
+Extension build configuration (environment variables):
+  DYNEXEC_CUDA=0|1            0: CPU-only extension. 1: build the CUDA kernels too and fail
+                              if that is impossible. Unset: CUDA kernels when torch has
+                              CUDA (torch.version.cuda) and nvcc is found (CUDA_HOME).
+  DYNEXEC_NATIVE=0            build no native extension at all (pure-Python install).
+  DYNEXEC_CUDA_INCLUDE_DIRS   extra include folders (os.pathsep-separated) for CUDA builds,
+                              e.g. the pip CUDA wheels' include/ holding cusparse.h.
+  TORCH_CUDA_ARCH_LIST        GPU architectures, read by torch.utils.cpp_extension.
+"""
+import glob
+import os
+import sys
+
+from setuptools import setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _log(msg):
+    print(f"[dynexec setup] {msg}", flush=True)
+
+
+def _native_build():
+    """Returns (ext_modules, cmdclass, options) for the native extension."""
+    if os.environ.get("DYNEXEC_NATIVE", "1").strip() == "0":
+        _log("DYNEXEC_NATIVE=0: not building the native extension dynexec._C")
+        return [], {}, {}
+    try:
+        import torch
+        from torch.utils.cpp_extension import (
+            CUDA_HOME,
+            BuildExtension,
+            CppExtension,
+            CUDAExtension,
+        )
+    except ImportError as exc:  # e.g. an isolated build without torch
+        _log(f"torch is not importable ({exc}): not building dynexec._C "
+             "(use pip install --no-build-isolation)")
+        return [], {}, {}
+
+    want = os.environ.get("DYNEXEC_CUDA", "").strip()
+    if want not in ("", "0", "1"):
+        sys.exit(f"[dynexec setup] DYNEXEC_CUDA must be 0 or 1, got {want!r}")
+    cuda_possible = bool(torch.version.cuda) and CUDA_HOME is not None
+    why_not = []
+    if not torch.version.cuda:
+        why_not.append("torch was built without CUDA")
+    if CUDA_HOME is None:
+        why_not.append("nvcc/CUDA_HOME not found")
+    if want == "1" and not cuda_possible:
+        sys.exit("[dynexec setup] DYNEXEC_CUDA=1 but the CUDA extension cannot be built: "
+                 + "; ".join(why_not))
+    use_cuda = cuda_possible if want == "" else want == "1"
+
+    rel = lambda pattern: sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern)))
+    sources = ["csrc/dynexec.cpp"] + rel("csrc/cpu/*.cpp")
+    cxx_flags = ["-O3", "-DPy_LIMITED_API=0x03090000"]
+    link_flags = []
+    # at::parallel_for is inline in ATen's headers: compile with the same OpenMP as torch.
+    if torch.backends.openmp.is_available() and sys.platform != "darwin":
+        cxx_flags.append("-fopenmp")
+        link_flags.append("-fopenmp")
+    define_macros = []
+    include_dirs = [os.path.join(ROOT, "csrc")]
+    kwargs = {}
+    if use_cuda:
+        sources += rel("csrc/cuda/*.cu")
+        define_macros.append(("DYNEXEC_WITH_CUDA", None))
+        extra_inc = os.environ.get("DYNEXEC_CUDA_INCLUDE_DIRS", "")
+        include_dirs += [p for p in extra_inc.split(os.pathsep) if p]
+        nvcc_flags = ["-O3", "-DPy_LIMITED_API=0x03090000", "--expt-relaxed-constexpr"]
+        extension = CUDAExtension
+        kwargs["extra_compile_args"] = {"cxx": cxx_flags, "nvcc": nvcc_flags}
+    else:
+        extension = CppExtension
+        kwargs["extra_compile_args"] = {"cxx": cxx_flags}
+
+    _log("native extension dynexec._C configuration:")
+    _log(f"  torch {torch.__version__} (CUDA {torch.version.cuda}), CUDA_HOME={CUDA_HOME}")
+    _log(f"  DYNEXEC_CUDA={want or '<unset>'} -> CUDA kernels: {'yes' if use_cuda else 'no'}"
+         + ("" if use_cuda or not why_not else f" ({'; '.join(why_not)})"))
+    if use_cuda:
+        _log(f"  TORCH_CUDA_ARCH_LIST={os.environ.get('TORCH_CUDA_ARCH_LIST', '<torch default>')}")
+    _log(f"  sources: {' '.join(sources)}")
+    _log(f"  cxx flags: {' '.join(cxx_flags)}; link flags: {' '.join(link_flags) or '-'}")
+    _log(f"  include dirs: {' '.join(include_dirs)}")
+
+    ext = extension(
+        name="dynexec._C",
+        sources=sources,
+        include_dirs=include_dirs,
+        define_macros=define_macros,
+        extra_link_args=link_flags,
+        py_limited_api=True,
+        **kwargs,
+    )
+    cmdclass = {"build_ext": BuildExtension.with_options(use_ninja=True)}
+    options = {"bdist_wheel": {"py_limited_api": "cp39"}}
+    return [ext], cmdclass, options
+
+
+ext_modules, cmdclass, options = _native_build()
+
+setup(
+    name="dynexec",
+    version="0.1.0",
+    description="Inference engine for dynamic-depth residual networks (SkipNet, BlockDrop)",
+    python_requires=">=3.10",
+    packages=["dynexec", "dynexec.models", "dynexec.ops", "dynexec.kernels"],
+    package_dir={"dynexec.kernels": "kernels"},
+    install_requires=["torch>=2.4", "numpy"],
+    extras_require={
+        "triton": ["triton>=3.0"],
+        "test": ["pytest", "pytest-benchmark", "hypothesis"],
+        "tools": ["tqdm", "matplotlib"],
+    },
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+    options=options,
+)
