@@ -28,6 +28,15 @@ a copy); ``scatter_residual_relu_`` refuses a non-row-contiguous ``out`` (it mus
 in place) and converts ``y`` to ``out``'s layout if needed. ``downsample_b`` reads its
 input through strides, so it never copies.
 
+Interpreter reload
+------------------
+Triton's own ``@triton.jit`` library helpers (``tl.sum``, ``tl.cumsum``, ``tl.zeros``,
+``tl.cdiv``, ...) are bound when ``triton`` is first imported. If that happened without
+``TRITON_INTERPRET=1`` and this module is reloaded with it, those helpers can't be called
+from an interpreted kernel. The kernels therefore use only builtins (``tl.reduce``,
+``tl.associative_scan``, ``tl.full``, ``tl.where``) with a combine function the
+interpreter evaluates itself, and work in either import order.
+
 Index safety
 ------------
 Kernels mask every load/store with ``0 <= row < N`` so an out-of-range index can never
@@ -97,13 +106,25 @@ def _cast_to(v, dtype: tl.constexpr, SOFT_BF16: tl.constexpr):
         return v.to(dtype)
 
 @triton.jit
+def _add(a, b):
+    return a + b
+
+
+# Combine function for sums/prefix sums. Triton's own ``_sum_combine`` (what tl.sum and
+# tl.cumsum use) is preferred: the interpreter recognises it by identity and runs
+# np.sum / np.cumsum instead of calling the combine function element by element (10x
+# faster), and it never calls it, so it also works after a reload (see module docstring).
+_SUM_COMBINE = getattr(tl.standard, "_sum_combine", None) or _add
+
+
+@triton.jit
 def _partition_block_count_kernel(mask_ptr, block_counts_ptr, N, BLOCK: tl.constexpr):
     """block_counts[b] = number of True entries of mask[b*BLOCK : (b+1)*BLOCK]."""
     pid = tl.program_id(0)
     offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     m = tl.load(mask_ptr + offs, mask=offs < N, other=0)
     active = (m != 0).to(tl.int32)
-    tl.store(block_counts_ptr + pid, tl.sum(active, axis=0))
+    tl.store(block_counts_ptr + pid, tl.reduce(active, 0, _SUM_COMBINE))
 
 
 @triton.jit
@@ -130,19 +151,19 @@ def _partition_write_kernel(
     in_range = offs < N
     m = tl.load(mask_ptr + offs, mask=in_range, other=0)
     active = ((m != 0) & in_range).to(tl.int32)
-    incl = tl.cumsum(active, axis=0)  # inclusive count of actives within the block
+    incl = tl.associative_scan(active, 0, _SUM_COMBINE)  # inclusive count of actives within the block
 
     if MULTI_BLOCK:
-        prefix = tl.zeros((), dtype=tl.int64)
-        total = tl.zeros((), dtype=tl.int64)
+        prefix = tl.full((), 0, tl.int64)
+        total = tl.full((), 0, tl.int64)
         for start in range(0, num_blocks, SCAN_BLOCK):
             b = start + tl.arange(0, SCAN_BLOCK)
             bc = tl.load(block_counts_ptr + b, mask=b < num_blocks, other=0).to(tl.int64)
-            total += tl.sum(bc, axis=0)
-            prefix += tl.sum(tl.where(b < pid, bc, 0), axis=0)
+            total += tl.reduce(bc, 0, _SUM_COMBINE)
+            prefix += tl.reduce(tl.where(b < pid, bc, 0), 0, _SUM_COMBINE)
     else:
-        prefix = tl.zeros((), dtype=tl.int64)
-        total = tl.sum(active, axis=0).to(tl.int64)
+        prefix = tl.full((), 0, tl.int64)
+        total = tl.reduce(active, 0, _SUM_COMBINE).to(tl.int64)
 
     act_before_incl = prefix + incl.to(tl.int64)  # actives in [0, i]
     # position of an active row: actives strictly before it
@@ -214,7 +235,7 @@ def _scatter_residual_relu_kernel(
             else:
                 s = o + y
             # relu that keeps NaN (like torch.relu): NaN < 0 is False -> NaN kept
-            r = tl.where(s < 0, tl.zeros_like(s), s)
+            r = tl.where(s < 0, 0.0, s)
             tl.store(out_ptr + dst_base + cols, _cast_to(r, out_ptr.dtype.element_ty, SOFT_BF16), mask=cmask)
 
 
