@@ -61,8 +61,11 @@ Interpreter notes: with ``TRITON_INTERPRET=1`` the kernels run on CPU tensors.
 Triton 3.x's interpreter computes ``tl.dot`` of bf16 operands on their raw uint16
 bit patterns (wrong results), so under the interpreter bf16 tiles are converted to
 fp32 before the dot. That is numerically identical to a bf16 tensor-core MMA with
-fp32 accumulation (bf16 x bf16 products are exact in fp32). The interpreter also
-ignores TF32 (it computes in full fp32).
+fp32 accumulation (bf16 x bf16 products are exact in fp32). Its fp32 -> bf16
+conversion also truncates (and its round-to-nearest variant mishandles mantissa
+carries), so under the interpreter the epilogue rounds to bf16 with integer ops
+(RTNE), as the GPU does natively. The interpreter ignores TF32 (it computes in
+full fp32).
 
 Reload note: Triton binds its own ``@triton.jit`` helpers (``tl.cdiv``, ``tl.zeros``,
 ...) when ``triton`` is first imported. If that happened without
@@ -267,8 +270,8 @@ if HAS_TRITON:
         KH: tl.constexpr, KW: tl.constexpr, STRIDE: tl.constexpr, PAD: tl.constexpr,
         GATHER: tl.constexpr, SCATTER: tl.constexpr,
         HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, RES_GATHER: tl.constexpr, RELU: tl.constexpr,
-        INPUT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr, ACC_DTYPE: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        INPUT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr, BF16_RTNE: tl.constexpr,
+        ACC_DTYPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     ):
         # 1-D grid, N-tiles fastest: consecutive programs share one gathered A tile
         # (better L2 reuse of the irregular input rows).
@@ -349,8 +352,15 @@ if HAS_TRITON:
         else:
             n_dst = n_local.to(tl.int64)
         o_off = n_dst * stride_on + oh.to(tl.int64) * stride_oh + ow.to(tl.int64) * stride_ow
-        tl.store(out_ptr + o_off[:, None] + offs_n[None, :] * stride_oc,
-                 acc.to(out_ptr.dtype.element_ty), mask=mask_out)
+        if BF16_RTNE:
+            # Interpreter only: its fp32->bf16 cast truncates, so round to nearest even
+            # by hand (what the GPU's cvt.rn.bf16.f32 does).
+            bits = acc.to(tl.uint32, bitcast=True)
+            bits = bits + (((bits >> 16) & 1) + 0x7FFF)
+            val = (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+        else:
+            val = acc.to(out_ptr.dtype.element_ty)
+        tl.store(out_ptr + o_off[:, None] + offs_n[None, :] * stride_oc, val, mask=mask_out)
 
 
 # ----------------------------------------------------------------------------------
@@ -514,7 +524,7 @@ def indexed_conv2d(
         GATHER=bool(gather), SCATTER=bool(scatter),
         HAS_BIAS=bias is not None, HAS_RES=residual is not None,
         RES_GATHER=bool(residual is not None and residual_gather), RELU=bool(relu),
-        INPUT_PRECISION=precision, DOT_UPCAST=dot_upcast, ACC_DTYPE=acc_dtype,
+        INPUT_PRECISION=precision, DOT_UPCAST=dot_upcast, BF16_RTNE=dot_upcast, ACC_DTYPE=acc_dtype,
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
         num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 3),
     )
