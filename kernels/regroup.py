@@ -561,6 +561,11 @@ def downsample_b(x: torch.Tensor, out_channels: int) -> torch.Tensor:
         raise ValueError(
             f"{name}: out_channels must be a positive multiple of C = {c}, got {out_channels}"
         )
+    if h < 2 or w < 2:  # same condition under which the reference's avg_pool2d raises
+        raise ValueError(
+            f"{name}: H and W must be >= 2 for a 2x2 pool (the output would be empty), "
+            f"got shape {tuple(x.shape)}"
+        )
     ho, wo = h // 2, w // 2
     fmt = _row_format(x)
     channels_last = fmt == torch.channels_last
