@@ -61,21 +61,23 @@ def _native_build():
 
     rel = lambda pattern: sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern)))
     sources = ["csrc/dynexec.cpp"] + rel("csrc/cpu/*.cpp")
-    cxx_flags = ["-O3", "-DPy_LIMITED_API=0x03090000"]
+    # (torch adds -DPy_LIMITED_API itself for py_limited_api extensions)
+    cxx_flags = ["-O3"]
     link_flags = []
     # at::parallel_for is inline in ATen's headers: compile with the same OpenMP as torch.
     if torch.backends.openmp.is_available() and sys.platform != "darwin":
         cxx_flags.append("-fopenmp")
         link_flags.append("-fopenmp")
     define_macros = []
+    cuda_extra_include_dirs = []
     include_dirs = [os.path.join(ROOT, "csrc")]
     kwargs = {}
     if use_cuda:
         sources += rel("csrc/cuda/*.cu")
         define_macros.append(("DYNEXEC_WITH_CUDA", None))
         extra_inc = os.environ.get("DYNEXEC_CUDA_INCLUDE_DIRS", "")
-        include_dirs += [p for p in extra_inc.split(os.pathsep) if p]
-        nvcc_flags = ["-O3", "-DPy_LIMITED_API=0x03090000", "--expt-relaxed-constexpr"]
+        cuda_extra_include_dirs = [p for p in extra_inc.split(os.pathsep) if p]
+        nvcc_flags = ["-O3", "--expt-relaxed-constexpr"]
         extension = CUDAExtension
         kwargs["extra_compile_args"] = {"cxx": cxx_flags, "nvcc": nvcc_flags}
     else:
@@ -90,7 +92,8 @@ def _native_build():
         _log(f"  TORCH_CUDA_ARCH_LIST={os.environ.get('TORCH_CUDA_ARCH_LIST', '<torch default>')}")
     _log(f"  sources: {' '.join(sources)}")
     _log(f"  cxx flags: {' '.join(cxx_flags)}; link flags: {' '.join(link_flags) or '-'}")
-    _log(f"  include dirs: {' '.join(include_dirs)}")
+    _log(f"  include dirs: {' '.join(include_dirs)}"
+         + (f"; after torch's/CUDA's: {' '.join(cuda_extra_include_dirs)}" if cuda_extra_include_dirs else ""))
 
     ext = extension(
         name="dynexec._C",
@@ -101,6 +104,9 @@ def _native_build():
         py_limited_api=True,
         **kwargs,
     )
+    # Searched after torch's and the toolkit's own include dirs, so they only fill gaps
+    # (e.g. cusparse.h) and never shadow the toolkit headers nvcc was shipped with.
+    ext.include_dirs.extend(cuda_extra_include_dirs)
     cmdclass = {"build_ext": BuildExtension.with_options(use_ninja=True)}
     options = {"bdist_wheel": {"py_limited_api": "cp39"}}
     return [ext], cmdclass, options

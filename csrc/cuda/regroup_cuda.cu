@@ -1,0 +1,236 @@
+// CUDA kernels of partition, gather_rows and scatter_residual_relu_.
+//
+// * All kernels run on the current stream with grid-stride loops.
+// * gather / scatter move rows in 16-byte vectors when the row length, the batch
+//   strides and the base pointers allow it (else in element-sized units).
+// * partition computes the count on the device (cumsum + one scatter kernel): no host
+//   synchronisation inside the op.
+// * Indices are validated on the device: an out-of-range idx raises a device-side
+//   assertion (CUDA_KERNEL_ASSERT, like ATen's index kernels) and is never dereferenced.
+//   Duplicate indices in scatter_residual_relu_ are rejected on CPU only; on CUDA they
+//   are undefined behaviour (a data race), as documented in the contract.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/macros/Macros.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <tuple>
+#include <vector>
+
+#include "../checks.h"
+#include "../index_math.h"
+
+namespace dynexec {
+namespace {
+
+namespace im = index_math;
+
+constexpr int kThreads = 256;
+
+int64_t num_blocks(int64_t work) {
+  const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  const int64_t needed = (work + kThreads - 1) / kThreads;
+  return std::max<int64_t>(1, std::min<int64_t>(needed, sms * 8));
+}
+
+__device__ __forceinline__ int64_t grid_start() {
+  return static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+}
+__device__ __forceinline__ int64_t grid_stride() {
+  return static_cast<int64_t>(gridDim.x) * blockDim.x;
+}
+
+// ------------------------------------------------------------------------ partition
+// incl[i] = number of active rows in [0, i]; incl[n-1] is the count.
+__global__ void partition_kernel(const uint8_t* __restrict__ mask, const int64_t* __restrict__ incl,
+                                 int64_t n, int64_t* __restrict__ idx, int64_t* __restrict__ count) {
+  const int64_t total = incl[n - 1];
+  for (int64_t i = grid_start(); i < n; i += grid_stride()) {
+    const bool active = mask[i] != 0;
+    idx[im::partition_slot(active, i, incl[i] - (active ? 1 : 0), total)] = i;
+  }
+  if (grid_start() == 0) *count = total;
+}
+
+std::tuple<at::Tensor, at::Tensor> partition_cuda(const at::Tensor& mask_) {
+  check_mask(mask_);
+  c10::cuda::CUDAGuard guard(mask_.device());
+  const at::Tensor mask = mask_.contiguous();
+  const int64_t n = mask.numel();
+  at::Tensor idx = at::empty({n}, mask.options().dtype(at::kLong));
+  at::Tensor count = at::zeros({}, mask.options().dtype(at::kLong));
+  if (n == 0) return std::make_tuple(idx, count);
+  const at::Tensor incl = at::cumsum(mask, 0, at::kLong);  // device-side scan, no sync
+  auto stream = at::cuda::getCurrentCUDAStream();
+  partition_kernel<<<num_blocks(n), kThreads, 0, stream>>>(
+      static_cast<const uint8_t*>(mask.data_ptr()), incl.const_data_ptr<int64_t>(), n,
+      idx.data_ptr<int64_t>(), count.data_ptr<int64_t>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return std::make_tuple(idx, count);
+}
+
+// ------------------------------------------------------------------------ vectors
+template <typename T, int V>
+struct alignas(sizeof(T) * V) Vec {
+  T v[V];
+};
+
+// Largest power-of-two byte width <= 16 dividing every value (byte offsets/pointers).
+int vector_bytes(std::initializer_list<int64_t> values) {
+  int w = 16;
+  for (int64_t v : values) {
+    while (w > 1 && (v % w) != 0) w /= 2;
+  }
+  return w;
+}
+
+// ------------------------------------------------------------------------ gather
+// Unit-typed row copy: U is a trivially copyable unit of `sizeof(U)` bytes.
+template <typename U>
+__global__ void gather_kernel(const U* __restrict__ x, U* __restrict__ y, const int64_t* __restrict__ idx,
+                              int64_t count, int64_t row_units, int64_t x_bstride_units, int64_t n_rows) {
+  const int64_t total = count * row_units;
+  for (int64_t f = grid_start(); f < total; f += grid_stride()) {
+    const im::RowOffset ro = im::flat_to_row_offset(f, row_units);
+    const int64_t src = idx[ro.row];
+    CUDA_KERNEL_ASSERT(im::index_in_range(src, n_rows) && "dynexec::gather_rows: idx out of range");
+    if (!im::index_in_range(src, n_rows)) continue;
+    y[f] = x[im::row_element_offset(src, x_bstride_units, ro.offset)];
+  }
+}
+
+template <typename U>
+void launch_gather(const at::Tensor& x, at::Tensor& y, const at::Tensor& idx, int64_t count,
+                   int64_t row_bytes, int64_t x_bstride_bytes) {
+  const int64_t row_units = row_bytes / sizeof(U);
+  const int64_t total = count * row_units;
+  gather_kernel<U><<<num_blocks(total), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+      static_cast<const U*>(x.const_data_ptr()), static_cast<U*>(y.data_ptr()),
+      idx.const_data_ptr<int64_t>(), count, row_units, x_bstride_bytes / static_cast<int64_t>(sizeof(U)),
+      x.size(0));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+at::Tensor gather_rows_cuda(const at::Tensor& x_, const at::Tensor& idx_, int64_t count) {
+  check_gather_args(x_, idx_, count);
+  c10::cuda::CUDAGuard guard(x_.device());
+  const at::MemoryFormat fmt = reference_memory_format(x_);
+  const at::Tensor x = rows_dense(x_, fmt) ? x_ : x_.contiguous(fmt);
+  std::vector<int64_t> sizes = x.sizes().vec();
+  sizes[0] = count;
+  at::Tensor y = at::empty(sizes, x.options().memory_format(fmt));
+  const int64_t row_len = row_numel(x);
+  if (count == 0 || row_len == 0) return y;
+  const at::Tensor idx = idx_.narrow(0, 0, count).contiguous();
+  const int64_t esize = x.element_size();
+  const int64_t row_bytes = row_len * esize;
+  const int64_t x_bstride_bytes = x.stride(0) * esize;
+  const int w = vector_bytes({row_bytes, x_bstride_bytes,
+                              static_cast<int64_t>(reinterpret_cast<uintptr_t>(x.const_data_ptr())),
+                              static_cast<int64_t>(reinterpret_cast<uintptr_t>(y.data_ptr()))});
+  switch (w) {
+    case 16: launch_gather<uint4>(x, y, idx, count, row_bytes, x_bstride_bytes); break;
+    case 8: launch_gather<uint2>(x, y, idx, count, row_bytes, x_bstride_bytes); break;
+    case 4: launch_gather<uint32_t>(x, y, idx, count, row_bytes, x_bstride_bytes); break;
+    case 2: launch_gather<uint16_t>(x, y, idx, count, row_bytes, x_bstride_bytes); break;
+    default: launch_gather<uint8_t>(x, y, idx, count, row_bytes, x_bstride_bytes); break;
+  }
+  return y;
+}
+
+// ------------------------------------------------------------------------ scatter
+// out[idx[r]] = relu(y[r] + out[idx[r]]), V elements of T per thread and step.
+template <typename T, int V>
+__global__ void scatter_residual_relu_kernel(T* __restrict__ out, const T* __restrict__ y,
+                                             const int64_t* __restrict__ idx, int64_t count,
+                                             int64_t row_vecs, int64_t out_bstride_vecs,
+                                             int64_t y_bstride_vecs, int64_t n_rows) {
+  using VT = Vec<T, V>;
+  VT* ov = reinterpret_cast<VT*>(out);
+  const VT* yv = reinterpret_cast<const VT*>(y);
+  const int64_t total = count * row_vecs;
+  for (int64_t f = grid_start(); f < total; f += grid_stride()) {
+    const im::RowOffset ro = im::flat_to_row_offset(f, row_vecs);
+    const int64_t dst = idx[ro.row];
+    CUDA_KERNEL_ASSERT(im::index_in_range(dst, n_rows) &&
+                       "dynexec::scatter_residual_relu_: idx out of range");
+    if (!im::index_in_range(dst, n_rows)) continue;
+    const int64_t o_off = im::row_element_offset(dst, out_bstride_vecs, ro.offset);
+    const VT a = yv[im::row_element_offset(ro.row, y_bstride_vecs, ro.offset)];
+    VT b = ov[o_off];
+#pragma unroll
+    for (int k = 0; k < V; ++k) b.v[k] = im::relu_add<T>(b.v[k], a.v[k]);
+    ov[o_off] = b;
+  }
+}
+
+template <typename T, int V>
+void launch_scatter(at::Tensor& out, const at::Tensor& y, const at::Tensor& idx, int64_t count,
+                    int64_t row_len) {
+  const int64_t row_vecs = row_len / V;
+  const int64_t total = count * row_vecs;
+  scatter_residual_relu_kernel<T, V><<<num_blocks(total), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+      out.data_ptr<T>(), y.const_data_ptr<T>(), idx.const_data_ptr<int64_t>(), count, row_vecs,
+      out.stride(0) / V, y.stride(0) / V, out.size(0));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+void fused_scatter_rows_cuda(at::Tensor& out, const at::Tensor& y, const at::Tensor& idx,
+                             int64_t count, int64_t row_len) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, out.scalar_type(), "dynexec_scatter_residual_relu_cuda", [&] {
+        constexpr int kVec = 16 / sizeof(scalar_t);
+        const int64_t es = sizeof(scalar_t);
+        const int w = vector_bytes(
+            {row_len * es, out.stride(0) * es, y.stride(0) * es,
+             static_cast<int64_t>(reinterpret_cast<uintptr_t>(out.data_ptr())),
+             static_cast<int64_t>(reinterpret_cast<uintptr_t>(y.const_data_ptr()))});
+        if (w == 16) {
+          launch_scatter<scalar_t, kVec>(out, y, idx, count, row_len);
+        } else {
+          launch_scatter<scalar_t, 1>(out, y, idx, count, row_len);
+        }
+      });
+}
+
+void scatter_residual_relu_cuda(const at::Tensor& out_, const at::Tensor& y_, const at::Tensor& idx_,
+                                int64_t count) {
+  at::Tensor out = out_;
+  check_scatter_args(out, y_, idx_, count);
+  c10::cuda::CUDAGuard guard(out.device());
+  const int64_t row_len = row_numel(out);
+  if (count == 0 || row_len == 0) return;
+  const at::Tensor idx = idx_.narrow(0, 0, count).contiguous();
+  at::MemoryFormat fmt = at::MemoryFormat::Contiguous;
+  bool dense = rows_dense(out, fmt);
+  if (!dense && out.dim() == 4) {
+    fmt = at::MemoryFormat::ChannelsLast;
+    dense = rows_dense(out, fmt);
+  }
+  at::Tensor y = y_.narrow(0, 0, count);
+  if (dense) {
+    if (!rows_dense(y, fmt)) y = y.contiguous(fmt);
+    fused_scatter_rows_cuda(out, y, idx, count, row_len);
+    return;
+  }
+  // out's rows are not dense: fuse on a dense copy of the selected rows, then write
+  // them back into out itself.
+  at::Tensor rows = out.index_select(0, idx).contiguous();
+  y = y.contiguous();
+  const at::Tensor iota = at::arange(count, idx.options());
+  fused_scatter_rows_cuda(rows, y, iota, count, row_len);
+  out.index_copy_(0, idx, rows);
+}
+
+}  // namespace
+}  // namespace dynexec
+
+TORCH_LIBRARY_IMPL(dynexec, CUDA, m) {
+  m.impl("partition", &dynexec::partition_cuda);
+  m.impl("gather_rows", &dynexec::gather_rows_cuda);
+  m.impl("scatter_residual_relu_", &dynexec::scatter_residual_relu_cuda);
+}
