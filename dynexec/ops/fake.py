@@ -10,6 +10,14 @@ import torch
 from .reference import _memory_format
 
 
+def _check_idx_device(op: str, data: torch.Tensor, idx: torch.Tensor) -> None:
+    torch._check(idx.device == data.device, lambda: (
+        f"dynexec::{op}: expected idx on device {data.device} (the data tensor's device), "
+        f"but got idx on {idx.device}"))
+    torch._check(idx.dtype == torch.int64, lambda: (
+        f"dynexec::{op}: expected idx of dtype torch.int64, but got {idx.dtype}"))
+
+
 @torch.library.register_fake("dynexec::partition")
 def _partition_fake(mask: torch.Tensor):
     n = mask.numel()
@@ -20,6 +28,7 @@ def _partition_fake(mask: torch.Tensor):
 
 @torch.library.register_fake("dynexec::gather_rows")
 def _gather_rows_fake(x: torch.Tensor, idx: torch.Tensor, count):
+    _check_idx_device("gather_rows", x, idx)
     torch._check(count >= 0)
     torch._check(count <= x.shape[0])
     return x.new_empty((count, *x.shape[1:])).contiguous(memory_format=_memory_format(x))
@@ -27,6 +36,7 @@ def _gather_rows_fake(x: torch.Tensor, idx: torch.Tensor, count):
 
 @torch.library.register_fake("dynexec::scatter_residual_relu_")
 def _scatter_residual_relu_fake(out: torch.Tensor, y: torch.Tensor, idx: torch.Tensor, count):
+    _check_idx_device("scatter_residual_relu_", out, idx)
     return None
 
 
