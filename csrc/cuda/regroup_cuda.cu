@@ -59,11 +59,12 @@ __global__ void partition_kernel(const uint8_t* __restrict__ mask, const int64_t
 std::tuple<at::Tensor, at::Tensor> partition_cuda(const at::Tensor& mask_) {
   check_mask(mask_);
   c10::cuda::CUDAGuard guard(mask_.device());
-  const at::Tensor mask = mask_.contiguous();
+  // A uint8 mask may hold any nonzero value for "active": normalise to 0/1 for the scan.
+  const at::Tensor mask = (mask_.scalar_type() == at::kBool ? mask_ : mask_.ne(0)).contiguous();
   const int64_t n = mask.numel();
   at::Tensor idx = at::empty({n}, mask.options().dtype(at::kLong));
-  at::Tensor count = at::zeros({}, mask.options().dtype(at::kLong));
-  if (n == 0) return std::make_tuple(idx, count);
+  if (n == 0) return std::make_tuple(idx, at::zeros({}, mask.options().dtype(at::kLong)));
+  at::Tensor count = at::empty({}, mask.options().dtype(at::kLong));  // written by the kernel
   const at::Tensor incl = at::cumsum(mask, 0, at::kLong);  // device-side scan, no sync
   auto stream = at::cuda::getCurrentCUDAStream();
   partition_kernel<<<num_blocks(n), kThreads, 0, stream>>>(
