@@ -1,7 +1,9 @@
 """Fake (meta) kernels of the native ops, for FakeTensor / torch.compile / opcheck.
 
-Imported by ``dynexec._native.load()`` after ``dynexec._C`` registered the schemas.
-Output shapes, dtypes and memory formats follow ``dynexec.ops.reference``.
+``register()`` is called by ``dynexec._native.load()`` once ``dynexec._C`` has defined
+the schemas (registering a fake kernel needs the operator to exist); importing this
+module alone registers nothing. Output shapes, dtypes and memory formats follow
+``dynexec.ops.reference``.
 """
 from __future__ import annotations
 
@@ -18,7 +20,6 @@ def _check_idx_device(op: str, data: torch.Tensor, idx: torch.Tensor) -> None:
         f"dynexec::{op}: expected idx of dtype torch.int64, but got {idx.dtype}"))
 
 
-@torch.library.register_fake("dynexec::partition")
 def _partition_fake(mask: torch.Tensor):
     n = mask.numel()
     idx = mask.new_empty((n,), dtype=torch.int64)
@@ -26,7 +27,6 @@ def _partition_fake(mask: torch.Tensor):
     return idx, count
 
 
-@torch.library.register_fake("dynexec::gather_rows")
 def _gather_rows_fake(x: torch.Tensor, idx: torch.Tensor, count):
     _check_idx_device("gather_rows", x, idx)
     torch._check(count >= 0)
@@ -34,14 +34,31 @@ def _gather_rows_fake(x: torch.Tensor, idx: torch.Tensor, count):
     return x.new_empty((count, *x.shape[1:])).contiguous(memory_format=_memory_format(x))
 
 
-@torch.library.register_fake("dynexec::scatter_residual_relu_")
 def _scatter_residual_relu_fake(out: torch.Tensor, y: torch.Tensor, idx: torch.Tensor, count):
     _check_idx_device("scatter_residual_relu_", out, idx)
     return None
 
 
-@torch.library.register_fake("dynexec::downsample_b")
 def _downsample_b_fake(x: torch.Tensor, out_channels):
     n, _, h, w = x.shape
     z = x.new_empty((n, out_channels, h // 2, w // 2))
     return z.contiguous(memory_format=_memory_format(x))
+
+
+_FAKES = {
+    "dynexec::partition": _partition_fake,
+    "dynexec::gather_rows": _gather_rows_fake,
+    "dynexec::scatter_residual_relu_": _scatter_residual_relu_fake,
+    "dynexec::downsample_b": _downsample_b_fake,
+}
+_registered = False
+
+
+def register() -> None:
+    """Registers the fake kernels (idempotent). Requires dynexec._C to be loaded."""
+    global _registered
+    if _registered:
+        return
+    for name, fn in _FAKES.items():
+        torch.library.register_fake(name, fn)
+    _registered = True
