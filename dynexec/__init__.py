@@ -5,10 +5,21 @@
 """
 from __future__ import annotations
 
-from . import models
+import warnings
+
+from . import _native, models
+from .checkpoints import CheckpointError, load_checkpoint
 from .engine import Engine, compile
 from .models import build
 
+# Load the native extension now, so its ops are registered; without it the engine still
+# works on the pure-PyTorch backend. A CUDA-version mismatch raises a clear RuntimeError.
+_native_module, _native_reason = _native.load()
+if _native_module is None:
+    warnings.warn(f"dynexec: native extension unavailable, using the 'torch' backend: "
+                  f"{_native_reason}", RuntimeWarning, stacklevel=2)
+
 __version__ = "0.1.0"
 
-__all__ = ["models", "build", "compile", "Engine", "__version__"]
+__all__ = ["models", "build", "compile", "Engine", "load_checkpoint", "CheckpointError",
+           "__version__"]

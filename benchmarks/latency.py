@@ -1,0 +1,347 @@
+"""Real speedup of routed execution against the theoretical FLOPs saving.
+
+    python benchmarks/latency.py --device cpu            # embedded default models
+    python benchmarks/latency.py --gpu a100 --json a100.json
+    python benchmarks/latency.py --quick                 # < 90 s on 2 CPU cores
+
+Methods, timed side by side in one process, interleaved, after warm-up (median and
+p20/p80 of the repeats):
+  official-masked  the official semantics: every block on every sample, then the mask
+  per-sample       the batch split into single samples, each running only its routed
+                   blocks (BlockDrop's forward_single approach)
+  dense-engine     the dynexec engine with every block forced on (baseline for realization)
+  dynexec          the engine with the real routing, one row per available backend
+
+theoretical speedup = dense FLOPs / executed FLOPs (gates and policy included);
+realized speedup = dense-engine time / method time; realization = realized / theoretical.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+
+import torch
+
+import dynexec
+from dynexec.flops import count_flops
+from dynexec.ops import backend_status
+from dynexec.presets import PRESETS, build_preset, default_presets
+
+ROW_FIELDS = ["model", "routing_source", "device", "gpu", "batch_size", "method", "backend",
+              "ms_median", "ms_p20", "ms_p80", "samples_per_s", "executed_fraction",
+              "flops_dense", "flops_executed", "theoretical_speedup", "realized_speedup",
+              "realization", "speedup_vs_official"]
+
+
+# --------------------------------------------------------------------------------------
+# Inputs
+# --------------------------------------------------------------------------------------
+def load_images(kind: str, size: int, count: int, seed: int = 0) -> tuple[torch.Tensor, str]:
+    """(images [count, 3, size, size], label of where they come from)."""
+    if kind in ("auto", "fashion-mnist") and size == 32:
+        try:
+            from dynexec import data
+            if data.fashion_mnist_available():
+                images, _ = data.fashion_mnist_test(limit=count)
+                return images.float().contiguous(), "fashion-mnist test images"
+        except ImportError:
+            pass
+        if kind == "fashion-mnist":
+            sys.exit("Fashion-MNIST is not installed (apt-get install dataset-fashion-mnist)")
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(count, 3, size, size, generator=gen), "random normal inputs"
+
+
+# --------------------------------------------------------------------------------------
+# Timing
+# --------------------------------------------------------------------------------------
+class Timer:
+    """Wall-clock on CPU; CUDA events with synchronisation on GPU."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+
+    def __call__(self, fn) -> float:
+        if self.cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            torch.cuda.synchronize()
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            return start.elapsed_time(end)
+        t0 = time.perf_counter()
+        fn()
+        return (time.perf_counter() - t0) * 1e3
+
+
+def quantile(values: list[float], q: float) -> float:
+    values = sorted(values)
+    if len(values) == 1:
+        return values[0]
+    pos = q * (len(values) - 1)
+    lo = int(pos)
+    hi = min(lo + 1, len(values) - 1)
+    return values[lo] + (values[hi] - values[lo]) * (pos - lo)
+
+
+@dataclass
+class Method:
+    name: str
+    backend: str
+    fn: object
+    repeats_scale: float = 1.0
+
+
+def build_methods(model, engines: dict, x: torch.Tensor, per_sample: bool) -> list[Method]:
+    n = x.shape[0]
+    any_engine = next(iter(engines.values()))
+    dense_routing = torch.ones((n, model.num_blocks), dtype=torch.bool, device=x.device)
+
+    def official():
+        with torch.inference_mode():
+            model(x)
+
+    methods = [Method("official-masked", "-", official),
+               Method("dense-engine", any_engine.backend.name, lambda: any_engine(x, routing=dense_routing))]
+    for name, engine in engines.items():
+        methods.append(Method("dynexec", name, lambda e=engine: e(x)))
+    if per_sample:
+        samples = [x[i:i + 1] for i in range(n)]
+        methods.append(Method("per-sample", any_engine.backend.name,
+                              lambda: [any_engine(s) for s in samples]))
+    return methods
+
+
+def time_methods(methods: list[Method], timer: Timer, repeats: int, warmup: int) -> dict[str, list[float]]:
+    for m in methods:
+        for _ in range(warmup):
+            m.fn()
+    times: dict[str, list[float]] = {f"{m.name}/{m.backend}": [] for m in methods}
+    for _ in range(repeats):  # interleaved: one call of each method per round
+        for m in methods:
+            times[f"{m.name}/{m.backend}"].append(timer(m.fn))
+    return times
+
+
+# --------------------------------------------------------------------------------------
+def run(args) -> dict:
+    device = torch.device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    timer = Timer(device)
+    model_names = args.models.split(",") if args.models else default_presets()
+    rows, inputs = [], {}
+    try:
+        from tqdm import tqdm
+    except ImportError:  # progress bars are optional
+        tqdm = None
+    jobs = [(m, b) for m in model_names for b in args.batch_sizes]
+    bar = tqdm(total=len(jobs), desc="latency", unit="config", file=sys.stderr,
+               disable=args.no_progress) if tqdm else None
+    for model_name in model_names:
+        model, source, size = _model(args, model_name)
+        model = model.to(device)
+        images, label = load_images(args.data, size, max(args.batch_sizes + [args.calibration]))
+        inputs[model_name] = label
+        images = images.to(device)
+        table = count_flops(model)
+        engines = {}
+        for backend in args.backends:
+            engines[backend] = dynexec.compile(model, backend=backend)
+        for batch in args.batch_sizes:
+            x = images[:batch].contiguous()
+            with torch.inference_mode():
+                routing = next(iter(engines.values()))(x, return_routing=True)[1]
+            executed = table.executed(routing)
+            flops_exec = float(executed.mean())
+            per_sample = batch >= 1 and (not args.quick or batch <= 64) and not args.no_per_sample
+            methods = build_methods(model, engines, x, per_sample)
+            repeats = args.repeats
+            times = time_methods(methods, timer, repeats, args.warmup)
+            med = {k: statistics.median(v) for k, v in times.items()}
+            dense_ms = med[f"dense-engine/{methods[1].backend}"]
+            official_ms = med["official-masked/-"]
+            for m in methods:
+                key = f"{m.name}/{m.backend}"
+                t = times[key]
+                if m.name == "dense-engine":
+                    frac, f_exec = 1.0, float(table.dense)
+                elif m.name == "official-masked":
+                    frac, f_exec = 1.0, float(table.dense + table.router)
+                else:
+                    frac, f_exec = float(routing.float().mean()), flops_exec
+                theoretical = table.dense / f_exec
+                realized = dense_ms / med[key]
+                rows.append({
+                    "model": model_name, "routing_source": source, "device": device.type,
+                    "gpu": args.gpu or "", "batch_size": batch, "method": m.name,
+                    "backend": m.backend, "ms_median": med[key], "ms_p20": quantile(t, 0.2),
+                    "ms_p80": quantile(t, 0.8), "samples_per_s": batch / (med[key] / 1e3),
+                    "executed_fraction": frac, "flops_dense": table.dense,
+                    "flops_executed": f_exec, "theoretical_speedup": theoretical,
+                    "realized_speedup": realized, "realization": realized / theoretical,
+                    "speedup_vs_official": official_ms / med[key],
+                })
+            if bar:
+                bar.update(1)
+    if bar:
+        bar.close()
+    return {"machine": machine_info(device, args), "inputs": inputs, "rows": rows}
+
+
+def _model(args, name: str):
+    if args.checkpoint and name == "checkpoint":
+        model = dynexec.load_checkpoint(args.checkpoint, backbone=args.backbone)
+        return model, "trained", model.input_size
+    preset = PRESETS.get(name)
+    if preset is None:
+        sys.exit(f"unknown model {name!r}; expected one of {sorted(PRESETS)} (or --checkpoint)")
+    images, _ = load_images(args.data, preset.input_size, args.calibration, seed=1)
+    model, source = build_preset(name, images)
+    return model, source, preset.input_size
+
+
+def machine_info(device: torch.device, args) -> dict:
+    cpu = platform.processor() or ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((l.split(":", 1)[1].strip() for l in f if l.startswith("model name")), cpu)
+    except OSError:
+        pass
+    info = {"torch": torch.__version__, "dynexec": dynexec.__version__, "python": platform.python_version(),
+            "device": device.type, "cpu_model": cpu, "threads": torch.get_num_threads(),
+            "gpu_label": args.gpu or "", "command": " ".join(sys.argv),
+            "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    if device.type == "cuda":
+        info["gpu_name"] = torch.cuda.get_device_name(0)
+        info["cuda"] = torch.version.cuda
+    return info
+
+
+# --------------------------------------------------------------------------------------
+def print_table(result: dict) -> None:
+    cols = [("model", 18), ("src", 10), ("batch", 5), ("method", 15), ("backend", 7), ("ms", 9),
+            ("samples/s", 9), ("exec", 5), ("theory", 6), ("realized", 8), ("realiz.", 7), ("vs off.", 7)]
+    print("  ".join(f"{c:>{w}}" for c, w in cols))
+    for r in result["rows"]:
+        vals = [r["model"], r["routing_source"], r["batch_size"], r["method"], r["backend"],
+                f"{r['ms_median']:.2f}", f"{r['samples_per_s']:.0f}", f"{r['executed_fraction']:.2f}",
+                f"{r['theoretical_speedup']:.2f}", f"{r['realized_speedup']:.2f}",
+                f"{r['realization']:.2f}", f"{r['speedup_vs_official']:.2f}"]
+        print("  ".join(f"{str(v):>{w}}" for v, (_, w) in zip(vals, cols)))
+
+
+def write_outputs(result: dict, args) -> None:
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1)
+    if args.csv:
+        with open(args.csv, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=ROW_FIELDS)
+            writer.writeheader()
+            writer.writerows(result["rows"])
+    if args.plot:
+        plot(result, args.plot)
+
+
+def plot(result: dict, path: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in result["rows"] if r["method"] == "dynexec"]
+    models = sorted({r["model"] for r in rows})
+    fig, axes = plt.subplots(1, len(models), figsize=(4.5 * len(models), 3.6), squeeze=False)
+    for ax, name in zip(axes[0], models):
+        for backend in sorted({r["backend"] for r in rows if r["model"] == name}):
+            sel = sorted((r for r in rows if r["model"] == name and r["backend"] == backend),
+                         key=lambda r: r["batch_size"])
+            ax.plot([r["batch_size"] for r in sel], [r["realized_speedup"] for r in sel], "o-",
+                    label=f"realized ({backend})")
+        sel = sorted((r for r in rows if r["model"] == name), key=lambda r: r["batch_size"])
+        ax.plot([r["batch_size"] for r in sel], [r["theoretical_speedup"] for r in sel], "k--",
+                label="theoretical (FLOPs)")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("batch size")
+        ax.set_ylabel("speedup over dense engine")
+        ax.set_title(f"{name} ({sel[0]['routing_source']})", fontsize=9)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    m = result["machine"]
+    fig.suptitle(f"dynexec on {m['device']} ({m.get('gpu_name') or m['cpu_model']}, "
+                 f"{m['threads']} threads)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--gpu", metavar="NAME", help="run on CUDA device 0 and record NAME (e.g. a100)")
+    p.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when available, else cpu")
+    p.add_argument("--models", help=f"comma list of {sorted(PRESETS)} (default: embedded defaults)")
+    p.add_argument("--checkpoint", help="benchmark this checkpoint (any file dynexec loads)")
+    p.add_argument("--backbone", help="backbone for a BlockDrop curriculum checkpoint")
+    p.add_argument("--data", default="auto", choices=["auto", "fashion-mnist", "random"],
+                   help="inputs: shipped Fashion-MNIST test images when present (32 px), else random")
+    p.add_argument("--batch-sizes", help="comma list (default 1,8,32,64,128; GPU adds 256)")
+    p.add_argument("--backends", help="comma list of engine backends (default: every available one)")
+    p.add_argument("--repeats", type=int, help="timed rounds (default 15; --quick 5)")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
+    p.add_argument("--calibration", type=int, default=64, help="images used to calibrate routing")
+    p.add_argument("--json"), p.add_argument("--csv"), p.add_argument("--plot", help="PNG path")
+    p.add_argument("--quick", action="store_true", help="small run (< 90 s on 2 CPU cores)")
+    p.add_argument("--no-per-sample", action="store_true", help="skip the per-sample method")
+    p.add_argument("--no-progress", action="store_true")
+    args = p.parse_args(argv)
+
+    if args.gpu:
+        if not torch.cuda.is_available():
+            p.exit(2, f"--gpu {args.gpu}: no CUDA device is available here; "
+                      f"use --device cpu to measure on the CPU\n")
+        args.device = "cuda"
+    if args.device is None:
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.exit(2, "--device cuda: no CUDA device is available here; use --device cpu\n")
+    if args.checkpoint:
+        args.models = ",".join(filter(None, [args.models, "checkpoint"]))
+    default_batches = "8,32" if args.quick else ("1,8,32,64,128" + (",256" if args.device == "cuda" else ""))
+    try:
+        args.batch_sizes = [int(b) for b in (args.batch_sizes or default_batches).split(",")]
+    except ValueError:
+        p.error(f"--batch-sizes must be a comma list of integers, got {args.batch_sizes!r}")
+    if min(args.batch_sizes) < 1:
+        p.error("batch sizes must be >= 1")
+    args.repeats = args.repeats or (5 if args.quick else 15)
+    status = backend_status(args.device)
+    available = [n for n in ("native", "triton", "torch") if status[n][0]]
+    args.backends = args.backends.split(",") if args.backends else available
+    for b in args.backends:
+        if b not in available:
+            p.error(f"backend {b!r} is not available on {args.device}: {status.get(b, (0, 'unknown'))[1]}")
+    if args.quick:
+        args.calibration = min(args.calibration, 32)
+    return args
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    result = run(args)
+    print_table(result)
+    for name, label in result["inputs"].items():
+        print(f"inputs for {name}: {label}")
+    write_outputs(result, args)
+
+
+if __name__ == "__main__":
+    main()

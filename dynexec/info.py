@@ -1,0 +1,55 @@
+"""``python -m dynexec.info``: which backends and ops are available here, and why not."""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+
+import torch
+
+from . import __version__
+from .ops import BACKENDS, backend_status
+
+OPS = ("partition", "gather_rows", "scatter_residual_relu_", "downsample_b")
+
+
+def _op_rows(backend: str, ok: bool) -> list[tuple[str, str]]:
+    if not ok:
+        return [(op, "-") for op in OPS]
+    if backend == "native":
+        return [(op, "yes" if hasattr(torch.ops.dynexec, op) else "missing") for op in OPS]
+    if backend == "triton":
+        return [(op, "yes" if hasattr(torch.ops.dynexec, f"triton_{op}") else "missing")
+                for op in OPS]
+    return [(op, "yes") for op in OPS]
+
+
+def report() -> str:
+    lines = [f"dynexec {__version__}  torch {torch.__version__}  python {platform.python_version()}",
+             f"CUDA available: {torch.cuda.is_available()}"
+             f" (torch built with CUDA {torch.version.cuda})",
+             f"TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET', '')!s}", ""]
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    for device in devices:
+        status = backend_status(device)
+        lines.append(f"device {device}:")
+        for name in BACKENDS:
+            ok, reason = status[name]
+            lines.append(f"  {name:7s} {'available' if ok else 'unavailable'}: {reason}")
+            ops = ", ".join(f"{op}={state}" for op, state in _op_rows(name, ok))
+            lines.append(f"          ops: {ops}")
+        order = ("native", "torch") if device == "cpu" else ("triton", "native", "torch")
+        chosen = next(n for n in order if status[n][0])
+        lines.append(f"  auto -> {chosen}")
+    if not torch.cuda.is_available():
+        lines.append("device cuda: not available (no CUDA device or CPU-only torch)")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    argparse.ArgumentParser(description=__doc__).parse_args(argv)
+    print(report())
+
+
+if __name__ == "__main__":
+    main()

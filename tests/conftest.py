@@ -1,0 +1,69 @@
+"""Shared test helpers: small models of every family with random weights, randomised
+BatchNorm statistics and router biases set so that routing is mixed."""
+from __future__ import annotations
+
+import copy
+import functools
+import os
+
+import pytest
+import torch
+
+import dynexec
+from dynexec.calibrate import calibrate, randomize_batchnorm
+
+# One intra-op thread by default: with OpenMP, two threads on a 2-core machine that is
+# busy with anything else slow tiny convolutions down by an order of magnitude. The
+# native-op tests that exercise at::parallel_for set their own thread counts.
+torch.set_num_threads(int(os.environ.get("DYNEXEC_TEST_THREADS", "1")))
+
+# name -> (constructor name, kwargs): small configurations of every model family.
+FAMILIES = {
+    "skipnet-cifar-rnn": ("cifar10_rnn_gate_38", {"layers": [3, 2, 3]}),
+    "skipnet-cifar-rnn-rl": ("cifar100_rnn_gate_rl_38", {"layers": [2, 3, 2]}),
+    "skipnet-cifar-ffgate1": ("cifar10_feedforward_38", {"layers": [2, 3, 2]}),
+    "skipnet-cifar-ffgate2": ("cifar10_feedforward_110", {"layers": [3, 2, 2]}),
+    "skipnet-imagenet-basic": ("imagenet_rnn_gate_18", {"layers": [1, 2, 1, 1]}),
+    "skipnet-imagenet-bottleneck": ("imagenet_rnn_gate_50", {"layers": [1, 2, 1, 2]}),
+    "resnet-cifar": ("cifar10_resnet_38", {"layers": [2, 2, 2]}),
+    "resnet-imagenet": ("resnet50", {"layers": [1, 1, 1, 1]}),
+    "blockdrop-cifar": ("R32_C10", {"layers": [3, 2, 3]}),
+    "blockdrop-imagenet": ("R101_ImgNet", {"layers": [1, 2, 2, 1]}),
+}
+IMAGENET = {k for k, (name, _) in FAMILIES.items() if "imagenet" in name or name.startswith(("resnet", "R101"))}
+
+
+def input_size(family: str) -> int:
+    return 224 if family in IMAGENET else 32
+
+
+def make_model(family: str, seed: int = 0, fraction: float | None = 0.5, calib_batch: int = 16,
+               dtype: torch.dtype = torch.float32) -> dynexec.models.RoutedModel:
+    """A random-weight eval model; routers calibrated to execute ``fraction`` of blocks.
+    Built once per argument set; every call returns a fresh copy."""
+    return copy.deepcopy(_make_model(family, seed, fraction, calib_batch, dtype))
+
+
+@functools.lru_cache(maxsize=None)
+def _make_model(family, seed, fraction, calib_batch, dtype):
+    name, kwargs = FAMILIES[family]
+    torch.manual_seed(seed)
+    model = dynexec.build(name, **kwargs).eval()
+    randomize_batchnorm(model, torch.Generator().manual_seed(seed + 1))
+    model = model.to(dtype)
+    if fraction is not None and model.router != "none":
+        size = input_size(family)
+        x = torch.randn(calib_batch if size == 32 else 2, 3, size, size, dtype=dtype,
+                        generator=torch.Generator().manual_seed(seed + 2))
+        calibrate(model, x, fraction)
+    return model
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    scale = max(b.abs().max().item(), 1e-12)
+    return (a - b).abs().max().item() / scale
+
+
+@pytest.fixture(params=sorted(FAMILIES))
+def family(request):
+    return request.param

@@ -1,0 +1,126 @@
+"""The engine equals the official masked execution (the eager models) on every family."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import dynexec
+from dynexec.ops import backend_status
+from conftest import FAMILIES, input_size, make_model, rel_err
+
+BACKENDS = [name for name, (ok, _) in backend_status("cpu").items() if ok]
+TOL = 1e-5
+
+
+def _x(family, n, seed=123, dtype=torch.float32):
+    s = input_size(family)
+    return torch.randn(n, 3, s, s, generator=torch.Generator().manual_seed(seed), dtype=dtype)
+
+
+def _batches(family):
+    return (1, 2, 7) if family in ("skipnet-imagenet-bottleneck", "resnet-imagenet",
+                                   "blockdrop-imagenet", "skipnet-imagenet-basic") else (1, 2, 7, 64)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_engine_matches_reference(family, backend):
+    model = make_model(family)
+    engine = dynexec.compile(model, backend=backend)
+    mixed = False
+    for n in _batches(family):
+        x = _x(family, n, seed=n)
+        ref_logits, ref_routing = model.forward_routing(x)
+        logits, routing = engine(x, return_routing=True)
+        assert routing.dtype == torch.bool and routing.shape == (n, model.num_blocks)
+        assert torch.equal(routing, ref_routing), f"routing differs at batch {n}"
+        assert rel_err(logits, ref_logits) <= TOL
+        frac = routing[:, 1:].float().mean().item()
+        mixed |= 0.0 < frac < 1.0
+        if model.router == "online":
+            assert routing[:, 0].all(), "SkipNet block 0 always runs"
+    if model.router != "none":
+        assert mixed, "the calibrated routing should be mixed"
+
+
+@pytest.mark.parametrize("fraction", [0.0, 1.0])
+def test_all_and_none_routed(family, fraction):
+    model = make_model(family, fraction=fraction)
+    if model.router == "none":
+        pytest.skip("plain ResNets have no router (covered by test_engine_matches_reference)")
+    x = _x(family, 3)
+    ref_logits, ref_routing = model.forward_routing(x)
+    logits, routing = dynexec.compile(model)(x, return_routing=True)
+    expected = torch.full_like(ref_routing, bool(fraction))
+    if model.router == "online":
+        expected[:, 0] = True
+    assert torch.equal(ref_routing, expected)
+    assert torch.equal(routing, ref_routing)
+    assert rel_err(logits, ref_logits) <= TOL
+
+
+@pytest.mark.parametrize("fold_bn", [True, False])
+def test_given_routing_and_fold_options(fold_bn):
+    model = make_model("blockdrop-cifar")
+    engine = dynexec.compile(model, backend="torch", fold_bn=fold_bn)
+    x = _x("blockdrop-cifar", 5)
+    routing = torch.rand(5, model.num_blocks, generator=torch.Generator().manual_seed(3)) > 0.5
+    logits, used = engine(x, routing=routing, return_routing=True)
+    assert torch.equal(used, routing)
+    ref = model.resnet.forward_masked(x, routing)
+    assert rel_err(logits, ref) <= (TOL if fold_bn else 1e-6)
+    dense = engine(x, routing=torch.ones_like(routing))
+    assert rel_err(dense, model.resnet.forward_full(x)) <= TOL
+
+
+def test_input_layouts_and_no_mutation():
+    model = make_model("skipnet-cifar-rnn")
+    engine = dynexec.compile(model)
+    base = _x("skipnet-cifar-rnn", 6)
+    ref_logits, ref_routing = model.forward_routing(base)
+    variants = {
+        "channels_last": base.contiguous(memory_format=torch.channels_last),
+        "non_contiguous": torch.stack([base, base], dim=-1)[..., 0],
+        "batch_stride": torch.stack([base, base], dim=1)[:, 0],
+    }
+    for label, x in variants.items():
+        before = x.clone()
+        logits, routing = engine(x, return_routing=True)
+        assert torch.equal(x, before), f"{label}: the engine modified its input"
+        assert torch.equal(routing, ref_routing), label
+        assert rel_err(logits, ref_logits) <= TOL, label
+
+
+def test_empty_batch():
+    for family in ("skipnet-cifar-rnn", "blockdrop-cifar", "resnet-cifar"):
+        model = make_model(family, fraction=None)
+        x = _x(family, 0)
+        logits, routing = dynexec.compile(model)(x, return_routing=True)
+        assert logits.shape == (0, model.num_classes)
+        assert routing.shape == (0, model.num_blocks) and routing.dtype == torch.bool
+        assert model(x).shape == (0, model.num_classes)
+
+
+def test_float64_model():
+    model = make_model("skipnet-cifar-ffgate1", dtype=torch.float64)
+    x = _x("skipnet-cifar-ffgate1", 5, dtype=torch.float64)
+    ref_logits, ref_routing = model.forward_routing(x)
+    logits, routing = dynexec.compile(model)(x, return_routing=True)
+    assert logits.dtype == torch.float64
+    assert torch.equal(routing, ref_routing)
+    assert rel_err(logits, ref_logits) <= 1e-12
+
+
+def test_compile_errors():
+    model = make_model("blockdrop-cifar", fraction=None)
+    with pytest.raises(ValueError, match="unknown backend 'cuda-magic'.*available"):
+        dynexec.compile(model, backend="cuda-magic")
+    with pytest.raises(ValueError, match="eval-mode"):
+        dynexec.compile(model.train())
+    with pytest.raises(TypeError, match="dynexec can compile"):
+        dynexec.compile(torch.nn.Linear(2, 2))
+    engine = dynexec.compile(model.eval())
+    x = _x("blockdrop-cifar", 2)
+    with pytest.raises(ValueError, match=r"shape \[2, 8\]"):
+        engine(x, routing=torch.ones(3, 8, dtype=torch.bool))
+    with pytest.raises(TypeError, match="bool"):
+        engine(x, routing=torch.ones(2, 8))
