@@ -468,7 +468,8 @@ class GraphEngine:
         return out
 
 
-def make_graph_engine(model: torch.nn.Module, capture: bool = True, *, warmup: int = 2) -> GraphEngine:
+def make_graph_engine(model: torch.nn.Module, capture: bool = True, *, fold_bn: bool = True,
+                      warmup: int = 2) -> GraphEngine:
     """Compile an eval-mode dynexec model for the ``triton-graph`` backend.
 
     ``capture``: on CUDA, capture the forward in one CUDA graph per (batch size, dtype)
@@ -476,8 +477,13 @@ def make_graph_engine(model: torch.nn.Module, capture: bool = True, *, warmup: i
     CPU (Triton interpreter only) the forward always runs eagerly. ``warmup``: eager
     iterations on a side stream before each capture. The engine snapshots the weights
     (BatchNorm is folded): compile again after changing the model. Raises RuntimeError
-    when the backend cannot run on the model's device.
+    when the backend cannot run on the model's device. ``fold_bn`` exists for parity
+    with ``dynexec.compile``: the fused kernels need folded BatchNorm, so False is a
+    ValueError.
     """
+    if not fold_bn:
+        raise ValueError("the triton-graph backend always folds BatchNorm into the fused "
+                         "convolutions; fold_bn=False is not supported")
     program = lower(model, fold_bn=False)  # structure only; BN is folded here, kept in fp32
     device = next(model.parameters()).device
     ok, reason = graph_backend_status(device)
