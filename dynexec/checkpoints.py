@@ -16,10 +16,13 @@ naming the file; a model is returned only after a complete strict load.
 """
 from __future__ import annotations
 
+import io
 import os
 import pickle
+import pickletools
 import re
 import warnings
+import zipfile
 from collections import OrderedDict
 from typing import Any, Optional
 
@@ -46,13 +49,22 @@ class CheckpointError(ValueError):
 def read_file(path: str | os.PathLike, map_location: Any = "cpu", trust: bool = False) -> Any:
     """torch.load with weights_only=True; full unpickling only when ``trust``."""
     path = os.fspath(path)
+    if os.path.isdir(path):
+        raise CheckpointError(f"{path}: is a directory, not a checkpoint file; pass the path "
+                              f"of the .pth/.t7/.pth.tar file inside it")
     if not os.path.isfile(path):
         raise CheckpointError(f"{path}: no such checkpoint file")
     if os.path.getsize(path) == 0:
         raise CheckpointError(f"{path}: the file is empty, not a PyTorch checkpoint")
+    _check_zip_integrity(path)
     try:
         return _load(path, map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
+        broken = _pickle_stream_error(path)
+        if broken is not None:  # not a pickle at all: corrupt, never suggest trust=True
+            raise CheckpointError(f"{path}: not a readable PyTorch checkpoint (corrupt, "
+                                  f"truncated or another format: {broken}); re-download or "
+                                  f"re-save the file") from None
         if not trust:
             raise CheckpointError(
                 f"{path}: this file cannot be read with torch.load(weights_only=True) and "
@@ -67,6 +79,43 @@ def read_file(path: str | os.PathLike, map_location: Any = "cpu", trust: bool = 
     except Exception as exc:
         raise CheckpointError(f"{path}: full unpickling failed ({type(exc).__name__}: "
                               f"{_first_line(exc)})") from None
+
+
+def _check_zip_integrity(path: str) -> None:
+    """torch.load does not verify the CRC-32 of zip records, so bytes corrupted inside a
+    tensor record would load as silently wrong weights. Check every record first."""
+    if not zipfile.is_zipfile(path):
+        return
+    try:
+        with zipfile.ZipFile(path) as zf:
+            bad = zf.testzip()
+    except Exception as exc:  # broken central directory, bad local headers, ...
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint (damaged zip "
+                              f"archive: {type(exc).__name__}: {_first_line(exc)}); "
+                              f"re-download or re-save the file") from None
+    if bad is not None:
+        raise CheckpointError(f"{path}: the file is corrupted (CRC-32 mismatch in record "
+                              f"{bad!r}); re-download or re-save the file")
+
+
+def _pickle_stream_error(path: str) -> Optional[str]:
+    """None if the file's pickle (data.pkl for zip files) is a well-formed opcode stream,
+    else why not. Only parses opcodes (pickletools.genops); nothing is imported or run."""
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as zf:
+                names = [n for n in zf.namelist() if n.endswith("data.pkl")]
+                if not names:
+                    return "a zip archive without data.pkl"
+                data = zf.read(names[0])
+        else:
+            with open(path, "rb") as f:
+                data = f.read(64 << 20)
+        for _ in pickletools.genops(io.BytesIO(data)):
+            pass
+    except Exception as exc:
+        return f"{type(exc).__name__}: {_first_line(exc)}"
+    return None
 
 
 def _load(path: str, map_location: Any, weights_only: bool) -> Any:
@@ -96,6 +145,17 @@ def _as_state_dict(obj: Any, path: str, what: str) -> "OrderedDict[str, torch.Te
     if bad:
         raise CheckpointError(f"{path}: {what} is not a state_dict; entries that are not "
                               f"str -> Tensor: {_short(bad)}")
+    for k, v in obj.items():
+        if v.layout != torch.strided:
+            raise CheckpointError(f"{path}: {what} entry {k!r} is a {v.layout} tensor; "
+                                  f"checkpoints hold dense (strided) tensors only")
+        # A crafted file can declare a huge shape over a tiny storage (stride 0); building
+        # a model from such shapes would try to allocate that much memory.
+        if v.numel() > 0 and v.untyped_storage().nbytes() < v.numel() * v.element_size():
+            raise CheckpointError(f"{path}: {what} entry {k!r} declares shape "
+                                  f"{tuple(v.shape)} ({v.numel()} elements) but the file "
+                                  f"stores only {v.untyped_storage().nbytes()} bytes for it; "
+                                  f"the file is corrupt or crafted")
     # A plain dict without _metadata: BatchNorm then accepts a missing num_batches_tracked.
     return OrderedDict(obj.items())
 
@@ -142,15 +202,23 @@ def strict_load(model: nn.Module, sd: dict, path: str, what: str) -> None:
     unexpected = [k for k in sd if k not in expected]
     shapes = [f"{k}: expected {tuple(expected[k].shape)}, file has {tuple(sd[k].shape)}"
               for k in sd if k in expected and tuple(sd[k].shape) != tuple(expected[k].shape)]
-    if missing or unexpected or shapes:
-        parts = [f"{path}: the {what} does not match {model.__class__.__name__} "
-                 f"({getattr(model, 'model_name', '')})".rstrip(" ()")]
+    # Floating weights may come in another float dtype (cast, like load_state_dict does);
+    # integer/bool/complex values for floating parameters are refused, not cast silently.
+    dtypes = [f"{k}: expected a floating-point tensor, file has {sd[k].dtype}"
+              for k in sd if k in expected and expected[k].is_floating_point()
+              and not sd[k].is_floating_point()]
+    if missing or unexpected or shapes or dtypes:
+        name = getattr(model, "model_name", "")
+        parts = [f"{path}: the {what} does not match {model.__class__.__name__}"
+                 + (f" ({name})" if name else "")]
         if missing:
             parts.append(f"missing keys: {_short(missing)}")
         if unexpected:
             parts.append(f"unexpected keys: {_short(unexpected)}")
         if shapes:
             parts.append(f"shape mismatches: {_short(shapes, 5)}")
+        if dtypes:
+            parts.append(f"dtype mismatches: {_short(dtypes, 5)}")
         raise CheckpointError("; ".join(parts))
     try:
         model.load_state_dict(sd, strict=True)
@@ -161,7 +229,12 @@ def strict_load(model: nn.Module, sd: dict, path: str, what: str) -> None:
 # --------------------------------------------------------------------------------------
 # Architecture inference
 # --------------------------------------------------------------------------------------
-def _group_counts(sd: dict, pattern: str) -> list[int]:
+# Far above every official model (the deepest, SkipNet-152 CIFAR, has 25 per group);
+# guards against a crafted key like 'blocks.0.999999999.conv1.weight' building a huge model.
+MAX_BLOCKS_PER_GROUP = 1000
+
+
+def _group_counts(sd: dict, pattern: str, path: str) -> list[int]:
     counts: dict[int, int] = {}
     for k in sd:
         m = re.match(pattern, k)
@@ -170,6 +243,10 @@ def _group_counts(sd: dict, pattern: str) -> list[int]:
             counts[g] = max(counts.get(g, 0), i + 1)
     if not counts:
         return []
+    if max(counts) - min(counts) >= 16 or max(counts.values()) > MAX_BLOCKS_PER_GROUP:
+        raise CheckpointError(f"{path}: implausible block numbering in the keys (groups "
+                              f"{min(counts)}..{max(counts)}, up to {max(counts.values())} "
+                              f"blocks per group; at most {MAX_BLOCKS_PER_GROUP} are accepted)")
     first = min(counts)
     return [counts.get(g, 0) for g in range(first, max(counts) + 1)]
 
@@ -189,10 +266,10 @@ def infer_skipnet(sd: dict, path: str, arch: Optional[str] = None) -> RoutedMode
     classes = fc.shape[0]
     gated = any(re.match(r"group\d+_layer\d+\.", k) for k in sd)
     if gated:
-        layers = _group_counts(sd, r"group(\d+)_layer(\d+)\.")
+        layers = _group_counts(sd, r"group(\d+)_layer(\d+)\.", path)
         bottleneck = "group1_layer0.conv3.weight" in sd
     else:
-        layers = _group_counts(sd, r"layer(\d+)\.(\d+)\.")
+        layers = _group_counts(sd, r"layer(\d+)\.(\d+)\.", path)
         bottleneck = "layer1.0.conv3.weight" in sd
     if not layers or min(layers) < 1 or len(layers) != (4 if imagenet else 3):
         raise CheckpointError(f"{path}: cannot infer the block counts per group from the keys "
@@ -229,7 +306,7 @@ def _depth(layers: list[int], bottleneck: bool, imagenet: bool) -> int:
 def infer_flatresnet(sd: dict, path: str) -> FlatResNet:
     conv1 = _require(sd, "conv1.weight", path, "BlockDrop backbone")
     fc = _require(sd, "fc.weight", path, "BlockDrop backbone")
-    layers = _group_counts(sd, r"blocks\.(\d+)\.(\d+)\.")
+    layers = _group_counts(sd, r"blocks\.(\d+)\.(\d+)\.", path)
     imagenet = conv1.shape[-1] == 7
     if not layers or min(layers) < 1 or len(layers) != (4 if imagenet else 3):
         raise CheckpointError(f"{path}: cannot infer the BlockDrop backbone's blocks per stage "
@@ -242,7 +319,7 @@ def infer_flatresnet(sd: dict, path: str) -> FlatResNet:
 def infer_policy(sd: dict, path: str):
     conv1 = _require(sd, "features.conv1.weight", path, "BlockDrop agent")
     logit = _require(sd, "logit.weight", path, "BlockDrop agent")
-    layers = _group_counts(sd, r"features\.blocks\.(\d+)\.(\d+)\.")
+    layers = _group_counts(sd, r"features\.blocks\.(\d+)\.(\d+)\.", path)
     if conv1.shape[-1] == 7:
         return Policy224(layers or [1, 1, 1, 1], num_blocks=logit.shape[0])
     return Policy32(layers or [1, 1, 1], num_blocks=logit.shape[0])
