@@ -15,7 +15,7 @@ from typing import Optional
 import torch
 
 from .ops import Backend, get_backend
-from .program import Program, ProgramBlock, lower
+from .program import DenseProgram, Program, ProgramBlock, lower
 
 
 class Engine:
@@ -37,7 +37,7 @@ class Engine:
     def __repr__(self) -> str:
         return (f"Engine(model={self.model.model_name}, blocks={self.num_blocks}, "
                 f"router={self.program.router}, backend={self.backend.name}, "
-                f"bn_folded={self.program.folded})")
+                f"bn_folded={self.program.folded}, channels_last={self.program.channels_last})")
 
     # ----------------------------------------------------------------------------------
     def __call__(self, x: torch.Tensor, return_routing: bool = False,
@@ -65,29 +65,39 @@ class Engine:
         k_total = prog.num_blocks
         if n == 0:
             return model._empty_result(x)
+        if prog.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
         if forced is not None:
             routing = forced.clone()
         elif prog.router == "planned":
-            routing = model.decide(model.policy_probs(x))
+            routing = model.decide(self._run_dense(prog.policy, x))
         else:
             routing = torch.ones((n, k_total), dtype=torch.bool, device=x.device)
 
         h = prog.stem(x)
         online = prog.router == "online" and forced is None
-        state = model.gate_init_state(n, h) if online else None
+        state = prog.gate_runner.init_state(n, h) if online else None
         for k, block in enumerate(prog.blocks):
             h = self._run_block(block, h, routing[:, k])
             if online and k + 1 < k_total:
-                p, state = model.gate_step(prog.gates[k], h, state)
+                p, state = prog.gate_runner.step(k, h, state)
                 routing[:, k + 1] = model.decide(p)
         return prog.head(h), routing
+
+    def _run_dense(self, dense: DenseProgram, x: torch.Tensor) -> torch.Tensor:
+        h = dense.stem(x)
+        for block in dense.blocks:
+            h = self._run_block_all(block, h)
+        return dense.head(h)
+
+    def _run_block_all(self, block: ProgramBlock, h: torch.Tensor) -> torch.Tensor:
+        return block.branch(h).add_(self._shortcut(block, h)).relu_()
 
     def _run_block(self, block: ProgramBlock, h: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         n = h.shape[0]
         active = int(mask.sum())
         if active == n:  # fast path: the whole batch, no gather or scatter
-            y = block.branch(h)
-            return y.add_(self._shortcut(block, h)).relu_()
+            return self._run_block_all(block, h)
         out = self._shortcut(block, h)
         if active == 0:  # fast path: shortcut only
             return out
@@ -107,14 +117,16 @@ class Engine:
         return block.shortcut(h)
 
 
-def compile(model: torch.nn.Module, backend: str = "auto", fold_bn: bool = True) -> Engine:
+def compile(model: torch.nn.Module, backend: str = "auto", fold_bn: bool = True,
+            channels_last: bool = True) -> Engine:
     """Compile an eval-mode dynexec model into a regrouping Engine.
 
     backend: 'auto' (native on CPU; triton -> native -> torch on CUDA), 'native',
     'triton' or 'torch'. fold_bn: fold eval-mode BatchNorm into the block convolutions
-    (changes results only by float rounding). The engine snapshots the weights: compile
-    again after changing the model.
+    (changes results only by float rounding). channels_last: run on NHWC activations
+    (faster convolutions; changes results only by float rounding). The engine snapshots
+    the weights: compile again after changing the model.
     """
-    program = lower(model, fold_bn=fold_bn)
+    program = lower(model, fold_bn=fold_bn, channels_last=channels_last)
     device = next(model.parameters()).device
     return Engine(program, get_backend(backend, device))

@@ -231,12 +231,12 @@ def test_code_in_pickle_never_runs_without_trust(tmp_path, monkeypatch):
     assert not os.path.exists("PWNED_BY_CHECKPOINT")
 
 
+class Holder:  # an arbitrary class instance forces full unpickling
+    pass
+
+
 def test_trusted_full_pickle(tmp_path):
     model = dynexec.build("cifar10_rnn_gate_38").eval()
-
-    class Holder:  # an arbitrary class instance forces full unpickling
-        pass
-
     holder = Holder()
     holder.sd = legacy_state_dict(model)
     torch.save({"state_dict": legacy_state_dict(model, "module."), "arch": "cifar10_rnn_gate_38",

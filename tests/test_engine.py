@@ -59,17 +59,30 @@ def test_all_and_none_routed(family, fraction):
 
 
 @pytest.mark.parametrize("fold_bn", [True, False])
-def test_given_routing_and_fold_options(fold_bn):
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_given_routing_and_options(fold_bn, channels_last):
     model = make_model("blockdrop-cifar")
-    engine = dynexec.compile(model, backend="torch", fold_bn=fold_bn)
+    engine = dynexec.compile(model, backend="torch", fold_bn=fold_bn, channels_last=channels_last)
     x = _x("blockdrop-cifar", 5)
     routing = torch.rand(5, model.num_blocks, generator=torch.Generator().manual_seed(3)) > 0.5
     logits, used = engine(x, routing=routing, return_routing=True)
     assert torch.equal(used, routing)
     ref = model.resnet.forward_masked(x, routing)
-    assert rel_err(logits, ref) <= (TOL if fold_bn else 1e-6)
+    assert rel_err(logits, ref) <= TOL
     dense = engine(x, routing=torch.ones_like(routing))
     assert rel_err(dense, model.resnet.forward_full(x)) <= TOL
+
+
+@pytest.mark.parametrize("family", ["skipnet-cifar-rnn", "skipnet-cifar-ffgate1", "skipnet-imagenet-basic"])
+@pytest.mark.parametrize("fold_bn,channels_last", [(False, False), (True, False), (False, True)])
+def test_skipnet_gate_lowering_options(family, fold_bn, channels_last):
+    model = make_model(family)
+    engine = dynexec.compile(model, fold_bn=fold_bn, channels_last=channels_last)
+    x = _x(family, 3)
+    ref_logits, ref_routing = model.forward_routing(x)
+    logits, routing = engine(x, return_routing=True)
+    assert torch.equal(routing, ref_routing)
+    assert rel_err(logits, ref_logits) <= TOL
 
 
 def test_input_layouts_and_no_mutation():

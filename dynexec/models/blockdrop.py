@@ -211,6 +211,18 @@ class _Policy(nn.Module):
         feats = self.features.forward_full(self.prepare(x))
         return torch.sigmoid(self.logit(feats)), self.vnet(feats)
 
+    # The agent as a dense program (every block runs), so the engine can lower it too.
+    def stem(self, x: torch.Tensor) -> torch.Tensor:
+        return self.features.seed(self.prepare(x))
+
+    def block_views(self) -> list[BlockView]:
+        return self.features.shortcut_views()
+
+    def head(self, h: torch.Tensor) -> torch.Tensor:
+        """Block probabilities from the last feature map (the value head is not needed)."""
+        h = self.features.avgpool(h)
+        return torch.sigmoid(self.logit(h.reshape(h.shape[0], -1)))
+
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict,
                               missing_keys, unexpected_keys, error_msgs):
         # Legacy agents carry features.fc.* keys; the official override drops them.
@@ -280,6 +292,10 @@ class BlockDrop(RoutedModel):
 
     def policy_probs(self, x: torch.Tensor) -> torch.Tensor:
         return self.agent(x)[0]
+
+    def policy_network(self) -> _Policy:
+        """The agent, which exposes stem/block_views/head like a dense routed model."""
+        return self.agent
 
     @staticmethod
     def decide(p: torch.Tensor) -> torch.Tensor:
