@@ -19,14 +19,73 @@ Contract shared by all backends:
       then the pooled channels followed by (out_channels // C - 1) copies of
       pooled * 0 (exact +0 for finite input; NaN/Inf propagate as in the official
       code); out_channels must be a positive multiple of C. z keeps x's memory format.
+
+Arguments outside the contract (wrong dtype/rank/device of idx, count out of range,
+idx[:count] out of [0, N) or, for the scatter, not distinct, mismatched shapes) raise
+OpArgumentError, a ValueError that is also a RuntimeError, naming the problem.
 """
 from __future__ import annotations
+
+import operator
 
 import torch
 import torch.nn.functional as F
 
 
+# ---- argument checks (no effect on the semantics of valid calls) ----------------------
+class OpArgumentError(ValueError, RuntimeError):
+    """A bad argument to a reference op. A ValueError, and also a RuntimeError like the
+    native ops' TORCH_CHECK errors and torch's own (e.g. avg_pool2d's), so code written
+    against any backend catches it."""
+
+
+def _tensor(name: str, arg: str, t) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise OpArgumentError(f"{name}: {arg} must be a torch.Tensor, got {type(t).__name__}")
+
+
+def _check_rows(name: str, x: torch.Tensor, idx: torch.Tensor, count, upper: int,
+                distinct: bool) -> int:
+    """Checks idx (int64, 1-D, x's device), count (int in [0, min(idx.numel(), upper)])
+    and the values of idx[:count] (in [0, N); distinct if asked). Returns count."""
+    _tensor(name, "idx", idx)
+    if x.dim() < 1:
+        raise OpArgumentError(f"{name}: expected a tensor with at least 1 dimension (rows), "
+                         f"got a 0-dim tensor")
+    if idx.dtype != torch.int64:
+        raise OpArgumentError(f"{name}: idx must have dtype torch.int64, got {idx.dtype}")
+    if idx.dim() != 1:
+        raise OpArgumentError(f"{name}: idx must be 1-D, got shape {tuple(idx.shape)}")
+    if idx.device != x.device:
+        raise OpArgumentError(f"{name}: idx must be on the same device as the data ({x.device}), "
+                         f"got idx on {idx.device}")
+    if isinstance(count, bool) or not isinstance(count, (int, torch.SymInt)):
+        try:
+            count = operator.index(count)
+        except TypeError:
+            raise OpArgumentError(f"{name}: count must be an int, got {type(count).__name__}") from None
+    if count < 0 or count > idx.numel() or count > upper:
+        raise OpArgumentError(f"{name}: count must be in [0, {min(idx.numel(), upper)}] "
+                         f"(idx.numel()={idx.numel()}, at most {upper} rows), got count={count}")
+    rows = idx[:count]
+    if count == 0 or rows.device.type == "meta":
+        return count
+    n = x.shape[0]
+    bad = (rows < 0) | (rows >= n)
+    if bool(bad.any()):
+        i = int(bad.nonzero()[0, 0])
+        raise OpArgumentError(f"{name}: idx[{i}]={int(rows[i])} is out of range; idx[:count] must "
+                         f"be in [0, {n}) for {n} rows")
+    if distinct and torch.unique(rows).numel() != count:
+        values, counts = torch.unique(rows, return_counts=True)
+        dup = int(values[counts > 1][0])
+        raise OpArgumentError(f"{name}: idx[:count] must be distinct, but row {dup} appears "
+                         f"{int(counts[counts > 1][0])} times (duplicate index)")
+    return count
+
+
 def partition(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    _tensor("partition", "mask", mask)
     mask = mask.reshape(-1).bool()
     active = torch.nonzero(mask, as_tuple=True)[0]
     inactive = torch.nonzero(~mask, as_tuple=True)[0]
@@ -42,16 +101,46 @@ def _memory_format(x: torch.Tensor) -> torch.memory_format:
 
 
 def gather_rows(x: torch.Tensor, idx: torch.Tensor, count: int) -> torch.Tensor:
+    _tensor("gather_rows", "x", x)
+    count = _check_rows("gather_rows", x, idx, count, upper=idx.numel(), distinct=False)
     y = x.index_select(0, idx[:count])
     return y.contiguous(memory_format=_memory_format(x))
 
 
 def scatter_residual_relu_(out: torch.Tensor, y: torch.Tensor, idx: torch.Tensor, count: int) -> None:
+    name = "scatter_residual_relu_"
+    _tensor(name, "out", out)
+    _tensor(name, "y", y)
+    if not out.is_floating_point():
+        raise OpArgumentError(f"{name}: out must have a floating point dtype, got {out.dtype}")
+    if y.dtype != out.dtype:
+        raise OpArgumentError(f"{name}: y must have out's dtype {out.dtype}, got {y.dtype}")
+    if y.device != out.device:
+        raise OpArgumentError(f"{name}: y must be on out's device {out.device}, got {y.device}")
+    if out.dim() < 1 or y.dim() != out.dim() or tuple(y.shape[1:]) != tuple(out.shape[1:]):
+        raise OpArgumentError(f"{name}: y must have shape [count, *out.shape[1:]] = "
+                         f"[count, {', '.join(map(str, out.shape[1:]))}], got {tuple(y.shape)}")
+    count = _check_rows(name, out, idx, count, upper=min(out.shape[0], y.shape[0]),
+                        distinct=True)
     rows = idx[:count]
     out.index_copy_(0, rows, torch.relu(y[:count] + out.index_select(0, rows)))
 
 
 def downsample_b(x: torch.Tensor, out_channels: int) -> torch.Tensor:
+    name = "downsample_b"
+    _tensor(name, "x", x)
+    if x.dim() != 4:
+        raise OpArgumentError(f"{name}: expected a 4-D x [N, C, H, W], got shape {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise OpArgumentError(f"{name}: x must have a floating point dtype, got {x.dtype}")
+    c = x.shape[1]
+    if isinstance(out_channels, bool) or not isinstance(out_channels, (int, torch.SymInt)) \
+            or c <= 0 or out_channels <= 0 or out_channels % c != 0:
+        raise OpArgumentError(f"{name}: out_channels must be a positive multiple of C={c}, "
+                         f"got out_channels={out_channels!r}")
+    if x.shape[2] < 2 or x.shape[3] < 2:
+        raise OpArgumentError(f"{name}: H >= 2 and W >= 2 are needed for the 2x2 pool, got shape "
+                         f"{tuple(x.shape)}")
     pooled = F.avg_pool2d(x, 2)
     ratio = out_channels // x.shape[1]
     z = torch.cat([pooled] + [pooled.mul(0)] * (ratio - 1), dim=1)
