@@ -62,7 +62,11 @@ eager official model (SkipNet CIFAR recurrent and feed-forward gates, BlockDrop 
 with DownsampleB, a bottleneck SkipNet with projection shortcuts) for mixed, all-on,
 all-off and forced routings; no ``item`` / ``bool`` / ``int`` / ``float`` / ``tolist`` /
 ``nonzero`` on a tensor anywhere in the forward; and the same launch sequence (this
-module's launch log, and the aten op sequence) for different routings.
+module's launch log, and the aten op sequence) for different routings; the graph
+runner's plumbing (one capture per key, warm-up first, static input / forced-routing
+copies, cloned outputs) with stand-ins for ``torch.cuda``'s stream and graph API; and
+concurrent calls from two threads. The whole file takes about 1-1.5 minutes on 2 busy
+cores.
 NOT verified: CUDA-graph capture and replay themselves (the ``_GraphRunner`` path), the
 performance on a GPU, and whether the model's gate code (e.g. cuDNN LSTM) captures
 cleanly -- none of that can run without a CUDA device.
