@@ -100,32 +100,37 @@ class Method:
     repeats_scale: float = 1.0
 
 
-def build_methods(model, engines: dict, x: torch.Tensor, per_sample: bool) -> list[Method]:
-    n = x.shape[0]
+def build_methods(model, engines: dict, current: dict, per_sample: bool) -> list[Method]:
+    """Each method runs on ``current['x']``, which the timing loop changes every round."""
     any_engine = next(iter(engines.values()))
-    dense_routing = torch.ones((n, model.num_blocks), dtype=torch.bool, device=x.device)
+    dense = lambda x: torch.ones((x.shape[0], model.num_blocks), dtype=torch.bool, device=x.device)
 
     def official():
         with torch.inference_mode():
-            model(x)
+            model(current["x"])
 
     methods = [Method("official-masked", "-", official),
-               Method("dense-engine", any_engine.backend.name, lambda: any_engine(x, routing=dense_routing))]
+               Method("dense-engine", any_engine.backend.name,
+                      lambda: any_engine(current["x"], routing=dense(current["x"])))]
     for name, engine in engines.items():
-        methods.append(Method("dynexec", name, lambda e=engine: e(x)))
+        methods.append(Method("dynexec", name, lambda e=engine: e(current["x"])))
     if per_sample:
-        samples = [x[i:i + 1] for i in range(n)]
         methods.append(Method("per-sample", any_engine.backend.name,
-                              lambda: [any_engine(s) for s in samples]))
+                              lambda: [any_engine(s) for s in current["x"].split(1)]))
     return methods
 
 
-def time_methods(methods: list[Method], timer: Timer, repeats: int, warmup: int) -> dict[str, list[float]]:
-    for m in methods:
-        for _ in range(warmup):
+def time_methods(methods: list[Method], batches: list[torch.Tensor], current: dict, timer: Timer,
+                 repeats: int, warmup: int) -> dict[str, list[float]]:
+    """Interleaved rounds; every round takes the next batch of the pool, so the routing
+    (and the sub-batch sizes) change from round to round, as in deployment."""
+    for i in range(warmup):
+        current["x"] = batches[i % len(batches)]
+        for m in methods:
             m.fn()
     times: dict[str, list[float]] = {f"{m.name}/{m.backend}": [] for m in methods}
-    for _ in range(repeats):  # interleaved: one call of each method per round
+    for r in range(repeats):
+        current["x"] = batches[r % len(batches)]
         for m in methods:
             times[f"{m.name}/{m.backend}"].append(timer(m.fn))
     return times
@@ -149,23 +154,25 @@ def run(args) -> dict:
     for model_name in model_names:
         model, source, size = _model(args, model_name)
         model = model.to(device)
-        images, label = load_images(args.data, size, max(args.batch_sizes + [args.calibration]))
+        pool = max(args.batch_sizes) * args.pool
+        images, label = load_images(args.data, size, pool, seed=2)
         inputs[model_name] = label
         images = images.to(device)
         table = count_flops(model)
-        engines = {}
-        for backend in args.backends:
-            engines[backend] = dynexec.compile(model, backend=backend)
+        engines = {b: dynexec.compile(model, backend=b) for b in args.backends}
         for batch in args.batch_sizes:
-            x = images[:batch].contiguous()
+            # A pool of distinct batches (fewer for big inputs, to bound memory).
+            n_batches = max(1, min(args.pool, images.shape[0] // batch,
+                                   int(2**28 // (batch * images[0].numel() * 4)) or 1))
+            batches = [images[i * batch:(i + 1) * batch].contiguous() for i in range(n_batches)]
             with torch.inference_mode():
-                routing = next(iter(engines.values()))(x, return_routing=True)[1]
-            executed = table.executed(routing)
-            flops_exec = float(executed.mean())
-            per_sample = batch >= 1 and (not args.quick or batch <= 64) and not args.no_per_sample
-            methods = build_methods(model, engines, x, per_sample)
-            repeats = args.repeats
-            times = time_methods(methods, timer, repeats, args.warmup)
+                routing = torch.cat([next(iter(engines.values()))(x, return_routing=True)[1]
+                                     for x in batches])
+            flops_exec = float(table.executed(routing).mean())
+            per_sample = (not args.quick or batch <= 64) and not args.no_per_sample
+            current: dict = {}
+            methods = build_methods(model, engines, current, per_sample)
+            times = time_methods(methods, batches, current, timer, args.repeats, args.warmup)
             med = {k: statistics.median(v) for k, v in times.items()}
             dense_ms = med[f"dense-engine/{methods[1].backend}"]
             official_ms = med["official-masked/-"]
@@ -295,7 +302,9 @@ def parse_args(argv=None):
     p.add_argument("--batch-sizes", help="comma list (default 1,8,32,64,128; GPU adds 256)")
     p.add_argument("--backends", help="comma list of engine backends (default: every available one)")
     p.add_argument("--repeats", type=int, help="timed rounds (default 15; --quick 5)")
-    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--warmup", type=int, default=2, help="warm-up rounds (each on a different batch)")
+    p.add_argument("--pool", type=int, default=8,
+                   help="distinct input batches cycled through the timed rounds (fresh routing)")
     p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
     p.add_argument("--calibration", type=int, default=64, help="images used to calibrate routing")
     p.add_argument("--json"), p.add_argument("--csv"), p.add_argument("--plot", help="PNG path")

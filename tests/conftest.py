@@ -6,6 +6,14 @@ import copy
 import functools
 import os
 
+import torch  # noqa: E402  (importing torch does not import any Triton kernel)
+
+# Without a GPU, Triton kernels run on CPU tensors under the interpreter, which Triton reads
+# when a kernel is decorated, so set it before anything imports them. Every test module
+# then sees the same mode and the engine tests include the 'triton' backend.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 import pytest
 import torch
 
