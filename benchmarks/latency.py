@@ -31,6 +31,7 @@ import torch
 
 import dynexec
 from dynexec.flops import count_flops
+from dynexec.graph_engine import graph_backend_status
 from dynexec.ops import backend_status
 from dynexec.presets import PRESETS, build_preset, default_presets
 
@@ -110,12 +111,12 @@ def build_methods(model, engines: dict, current: dict, per_sample: bool) -> list
             model(current["x"])
 
     methods = [Method("official-masked", "-", official),
-               Method("dense-engine", any_engine.backend.name,
+               Method("dense-engine", any_engine.backend_name,
                       lambda: any_engine(current["x"], routing=dense(current["x"])))]
     for name, engine in engines.items():
         methods.append(Method("dynexec", name, lambda e=engine: e(current["x"])))
     if per_sample:
-        methods.append(Method("per-sample", any_engine.backend.name,
+        methods.append(Method("per-sample", any_engine.backend_name,
                               lambda: [any_engine(s) for s in current["x"].split(1)]))
     return methods
 
@@ -333,7 +334,10 @@ def parse_args(argv=None):
         p.error("batch sizes must be >= 1")
     args.repeats = args.repeats or (5 if args.quick else 15)
     status = backend_status(args.device)
-    available = [n for n in ("native", "triton", "torch") if status[n][0]]
+    status["triton-graph"] = graph_backend_status(torch.device(args.device))
+    if args.device != "cuda":  # under the CPU interpreter it is a correctness tool only
+        status["triton-graph"] = (False, "triton-graph is timed on CUDA only")
+    available = [n for n in ("native", "triton", "triton-graph", "torch") if status[n][0]]
     args.backends = args.backends.split(",") if args.backends else available
     for b in args.backends:
         if b not in available:

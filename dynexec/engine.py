@@ -34,6 +34,10 @@ class Engine:
     def num_blocks(self) -> int:
         return self.program.num_blocks
 
+    @property
+    def backend_name(self) -> str:
+        return self.backend.name
+
     def __repr__(self) -> str:
         return (f"Engine(model={self.model.model_name}, blocks={self.num_blocks}, "
                 f"router={self.program.router}, backend={self.backend.name}, "
@@ -122,11 +126,16 @@ def compile(model: torch.nn.Module, backend: str = "auto", fold_bn: bool = True,
     """Compile an eval-mode dynexec model into a regrouping Engine.
 
     backend: 'auto' (native on CPU; triton -> native -> torch on CUDA), 'native',
-    'triton' or 'torch'. fold_bn: fold eval-mode BatchNorm into the block convolutions
+    'triton', 'torch', or 'triton-graph' (CUDA: no host sync, whole forward in a CUDA
+    graph; see dynexec.graph_engine). fold_bn: fold eval-mode BatchNorm into the block convolutions
     (changes results only by float rounding). channels_last: run on NHWC activations
     (faster convolutions; changes results only by float rounding). The engine snapshots
     the weights: compile again after changing the model.
     """
+    if backend == "triton-graph":
+        # The sync-free path: fused indexed convolutions, one CUDA graph per batch size.
+        from .graph_engine import make_graph_engine
+        return make_graph_engine(model, capture=True, fold_bn=fold_bn)
     program = lower(model, fold_bn=fold_bn, channels_last=channels_last)
     device = next(model.parameters()).device
     return Engine(program, get_backend(backend, device))

@@ -492,5 +492,5 @@ def make_graph_engine(model: torch.nn.Module, capture: bool = True, *, fold_bn: 
     device = next(model.parameters()).device
     ok, reason = graph_backend_status(device)
     if not ok:
-        raise RuntimeError(f"{_NEEDS_DEVICE}; model is on {device}: {reason}")
+        raise RuntimeError(f"{reason} (the model is on {device})")
     return GraphEngine(program, capture=capture, warmup=warmup)

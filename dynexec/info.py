@@ -8,6 +8,7 @@ import platform
 import torch
 
 from . import __version__
+from .graph_engine import graph_backend_status
 from .ops import BACKENDS, backend_status
 
 OPS = ("partition", "gather_rows", "scatter_residual_relu_", "downsample_b")
@@ -38,6 +39,8 @@ def report() -> str:
             lines.append(f"  {name:7s} {'available' if ok else 'unavailable'}: {reason}")
             ops = ", ".join(f"{op}={state}" for op, state in _op_rows(name, ok))
             lines.append(f"          ops: {ops}")
+        ok, reason = graph_backend_status(torch.device(device))
+        lines.append(f"  triton-graph {'available' if ok else 'unavailable'}: {reason}")
         order = ("native", "torch") if device == "cpu" else ("triton", "native", "torch")
         chosen = next(n for n in order if status[n][0])
         lines.append(f"  auto -> {chosen}")

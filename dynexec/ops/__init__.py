@@ -88,7 +88,8 @@ def get_backend(name: str = "auto", device: torch.device | str = "cpu") -> Backe
         order = ("native", "torch") if device.type == "cpu" else ("triton", "native", "torch")
         name = next(n for n in order if status[n][0])
     if name not in BACKENDS:
-        raise ValueError(f"unknown backend {name!r}; expected 'auto' or one of {list(BACKENDS)} "
+        raise ValueError(f"unknown backend {name!r}; expected 'auto', 'triton-graph' or one of "
+                         f"{list(BACKENDS)} "
                          f"(available here: {[n for n in BACKENDS if status[n][0]]})")
     ok, reason = status[name]
     if not ok:
