@@ -95,6 +95,14 @@ if _rg is not None:
         return _rg.downsample_b(x, out_channels)
 
     # ---- fake kernels (shape/dtype/layout only; see module docstring) ---------------
+    def _same_device(name: str, *tensors: torch.Tensor) -> None:
+        # A meta tensor among real ones dispatches here instead of to the kernel: refuse
+        # it like the kernels refuse mixed devices, never return a meaningless result.
+        devices = {t.device for t in tensors}
+        if len(devices) > 1:
+            raise RuntimeError(f"{name}: all tensors must be on the same device, got "
+                               f"{', '.join(sorted(str(d) for d in devices))}")
+
     @_triton_partition.register_fake
     def _(mask):
         n = mask.numel()
@@ -102,6 +110,7 @@ if _rg is not None:
 
     @_triton_gather_rows.register_fake
     def _(x, idx, count):
+        _same_device("gather_rows", x, idx)
         if count < 0 or count > idx.numel():
             raise ValueError(f"gather_rows: count must be in [0, idx.numel() = {idx.numel()}], got {count}")
         return torch.empty((count,) + tuple(x.shape[1:]), dtype=x.dtype, device=x.device,
@@ -109,6 +118,7 @@ if _rg is not None:
 
     @_triton_scatter_residual_relu_.register_fake
     def _(out, y, idx, count):
+        _same_device("scatter_residual_relu_", out, y, idx)
         return None
 
     @_triton_downsample_b.register_fake

@@ -383,8 +383,9 @@ def _check_idx(name: str, idx: torch.Tensor) -> None:
         raise ValueError(f"{name}: idx must be 1-D, got shape {tuple(idx.shape)}")
 
 
-def _check_idx_values(name: str, rows: torch.Tensor, n: int) -> None:
-    """Range check of idx[:count] (CPU always; CUDA only if CHECK_INDICES_ON_DEVICE)."""
+def _check_idx_values(name: str, rows: torch.Tensor, n: int, distinct: bool = False) -> None:
+    """Range (and, for scatters, distinctness) check of idx[:count]: CPU always; CUDA only
+    if CHECK_INDICES_ON_DEVICE, since it needs a host sync."""
     if rows.numel() == 0 or not _is_real(rows):
         return
     if rows.device.type != "cpu" and not CHECK_INDICES_ON_DEVICE:
@@ -394,6 +395,8 @@ def _check_idx_values(name: str, rows: torch.Tensor, n: int) -> None:
     if lo < 0 or hi >= n:
         bad = lo if lo < 0 else hi
         raise ValueError(f"{name}: idx[:count] must be in [0, {n}), found {bad}")
+    if distinct and torch.unique(rows).numel() != rows.numel():
+        raise ValueError(f"{name}: idx[:count] must hold distinct rows; found duplicate indices")
 
 
 def _row_format(x: torch.Tensor) -> torch.memory_format:
@@ -525,7 +528,7 @@ def scatter_residual_relu_(out: torch.Tensor, y: torch.Tensor, idx: torch.Tensor
             f"place; got shape {tuple(out.shape)} with strides {out.stride()}"
         )
     rows = idx[:count]
-    _check_idx_values(name, rows, n)
+    _check_idx_values(name, rows, n, distinct=True)
     row = out[0].numel() if n > 0 else 0
     if count == 0 or row == 0:
         return None

@@ -110,9 +110,7 @@ CASES = {
 # Likewise, an idx on the meta device next to CPU data dispatches the Triton ops to their
 # fake (meta) kernels, which return an empty meta tensor / do nothing instead of raising
 # (kernels/ops.py fake kernels do not check devices; the native fake kernels do).
-KNOWN_GAPS = {("triton", "scatter_duplicate"): "the Triton scatter does not check that indices are distinct",
-              ("triton", "gather_idx_meta"): "Triton ops dispatch a meta idx to the fake kernel",
-              ("triton", "scatter_idx_meta"): "Triton ops dispatch a meta idx to the fake kernel"}
+KNOWN_GAPS: dict = {}  # (backend, case) -> reason; none left
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
