@@ -44,7 +44,7 @@ touch memory outside the tensors (gather writes zeros for such rows, scatter ski
 On CPU (interpreter) the launchers additionally validate ``idx[:count]`` and raise a
 ``ValueError``. On CUDA that check would need a device->host sync, so it is skipped
 (set ``dynexec.kernels.regroup.CHECK_INDICES_ON_DEVICE = True`` to force it while
-debugging); distinctness of scatter indices is never checked (contract requirement).
+debugging); scatter indices are checked to be distinct under the same rule.
 """
 from __future__ import annotations
 
