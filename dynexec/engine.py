@@ -18,6 +18,16 @@ from .ops import Backend, get_backend
 from .program import DenseProgram, Program, ProgramBlock, lower
 
 
+def check_routing(routing, n: int, num_blocks: int, device: torch.device) -> torch.Tensor:
+    """A caller-given routing must be a bool tensor [n, num_blocks]; returned on device."""
+    if not isinstance(routing, torch.Tensor) or routing.dtype != torch.bool:
+        raise TypeError(f"routing must be a bool tensor [N, {num_blocks}], got "
+                        f"{getattr(routing, 'dtype', type(routing).__name__)}")
+    if tuple(routing.shape) != (n, num_blocks):
+        raise ValueError(f"routing must have shape [{n}, {num_blocks}], got {tuple(routing.shape)}")
+    return routing.to(device)
+
+
 class Engine:
     """A compiled model. ``engine(x)`` -> logits; ``engine(x, return_routing=True)`` ->
     (logits, routing[N, K] bool); ``engine(x, routing=r)`` runs a given routing instead of
@@ -54,13 +64,7 @@ class Engine:
         return (logits, used) if return_routing else logits
 
     def _check_routing(self, routing: torch.Tensor, n: int, device: torch.device) -> torch.Tensor:
-        if not isinstance(routing, torch.Tensor) or routing.dtype != torch.bool:
-            raise TypeError(f"routing must be a bool tensor [N, {self.num_blocks}], got "
-                            f"{getattr(routing, 'dtype', type(routing).__name__)}")
-        if tuple(routing.shape) != (n, self.num_blocks):
-            raise ValueError(f"routing must have shape [{n}, {self.num_blocks}], got "
-                             f"{tuple(routing.shape)}")
-        return routing.to(device)
+        return check_routing(routing, n, self.num_blocks, device)
 
     def _run(self, x: torch.Tensor, forced: Optional[torch.Tensor]):
         prog = self.program

@@ -81,6 +81,7 @@ from typing import Optional
 import torch
 from torch import nn
 
+from .engine import check_routing
 from .models.common import RoutedModel
 from .program import Program, lower
 
@@ -338,13 +339,7 @@ class GraphEngine:
         return (logits, used) if return_routing else logits
 
     def _check_routing(self, routing: torch.Tensor, n: int, device: torch.device) -> torch.Tensor:
-        if not isinstance(routing, torch.Tensor) or routing.dtype != torch.bool:
-            raise TypeError(f"routing must be a bool tensor [N, {self.num_blocks}], got "
-                            f"{getattr(routing, 'dtype', type(routing).__name__)}")
-        if tuple(routing.shape) != (n, self.num_blocks):
-            raise ValueError(f"routing must have shape [{n}, {self.num_blocks}], got "
-                             f"{tuple(routing.shape)}")
-        return routing.to(device)
+        return check_routing(routing, n, self.num_blocks, device)
 
     @contextlib.contextmanager
     def record_launches(self):

@@ -185,10 +185,40 @@ def _rnn_embedding(pool_size: int, channel: int, embed_dim: int) -> nn.Sequentia
     return nn.Sequential(nn.AvgPool2d(pool_size), nn.Conv2d(channel, embed_dim, kernel_size=1))
 
 
+class _ResNetTrunk(RoutedModel):
+    """Stem and head shared by the SkipNet repository's gated and plain ResNets."""
+
+    def _make_stem(self, dataset: str) -> None:
+        if dataset == "cifar":
+            self.input_size, self.inplanes = 32, 16
+            self.conv1 = conv3x3(3, 16)
+        else:
+            self.input_size, self.inplanes = 224, 64
+            self.conv1 = nn.Conv2d(3, 64, kernel_size=7, stride=2, padding=3, bias=False)
+        self.bn1 = nn.BatchNorm2d(self.inplanes)
+        self.relu = nn.ReLU(inplace=True)
+        if dataset == "imagenet":
+            self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
+
+    @property
+    def num_blocks(self) -> int:
+        return sum(self.num_layers)
+
+    def stem(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.relu(self.bn1(self.conv1(x)))
+        if self.dataset == "imagenet":
+            x = self.maxpool(x)
+        return x
+
+    def head(self, h: torch.Tensor) -> torch.Tensor:
+        h = self.avgpool(h)
+        return self.fc(h.reshape(h.shape[0], -1))
+
+
 # --------------------------------------------------------------------------------------
 # Gated SkipNet (CIFAR and ImageNet, feed-forward and recurrent gates)
 # --------------------------------------------------------------------------------------
-class SkipNet(RoutedModel):
+class SkipNet(_ResNetTrunk):
     """A gated SkipNet. ``dataset`` is 'cifar' or 'imagenet'; ``gate_type`` is 'rnn',
     'ffgate1' or 'ffgate2'. SP and RL variants share parameters and inference semantics
     (specs/skipnet.md §4.3); ``variant`` only records which name built the model."""
@@ -214,20 +244,10 @@ class SkipNet(RoutedModel):
         self.hidden_dim = hidden_dim
         self.block_type = block
 
+        self._make_stem(dataset)
         if dataset == "cifar":
-            self.input_size = 32
-            self.inplanes = 16
-            self.conv1 = conv3x3(3, 16)
-            self.bn1 = nn.BatchNorm2d(16)
-            self.relu = nn.ReLU(inplace=True)
             widths, pools = [16, 32, 64], [32, 16, 8]
         else:
-            self.input_size = 224
-            self.inplanes = 64
-            self.conv1 = nn.Conv2d(3, 64, kernel_size=7, stride=2, padding=3, bias=False)
-            self.bn1 = nn.BatchNorm2d(64)
-            self.relu = nn.ReLU(inplace=True)
-            self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
             widths, pools = [64, 128, 256, 512], [56, 28, 14, 7]
         if len(layers) != len(widths):
             raise ValueError(f"{name}: expected {len(widths)} group sizes for {dataset}, got {layers}")
@@ -281,24 +301,10 @@ class SkipNet(RoutedModel):
             ))
         return views
 
-    @property
-    def num_blocks(self) -> int:
-        return sum(self.num_layers)
-
     def gates(self) -> list[nn.Module]:
         return [getattr(self, f"group{g}_gate{i}") for g, i in self._names()]
 
     # -- routed-model interface ------------------------------------------------------
-    def stem(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.relu(self.bn1(self.conv1(x)))
-        if self.dataset == "imagenet":
-            x = self.maxpool(x)
-        return x
-
-    def head(self, h: torch.Tensor) -> torch.Tensor:
-        h = self.avgpool(h)
-        return self.fc(h.reshape(h.shape[0], -1))
-
     def gate_init_state(self, batch: int, like: torch.Tensor):
         if self.gate_type == "rnn":
             return self.control.init_state(batch, like)
@@ -345,7 +351,7 @@ class SkipNet(RoutedModel):
 # --------------------------------------------------------------------------------------
 # Plain ResNets of the SkipNet repository (base models; every block always runs)
 # --------------------------------------------------------------------------------------
-class PlainResNet(RoutedModel):
+class PlainResNet(_ResNetTrunk):
     """``layer{k}`` nn.Sequential ResNets: CIFAR (3 groups, projection shortcuts) and
     ImageNet (torchvision key layout)."""
 
@@ -357,20 +363,8 @@ class PlainResNet(RoutedModel):
         self.model_name = name
         self.dataset = dataset
         self.num_layers = list(layers)
-        if dataset == "cifar":
-            self.input_size = 32
-            self.inplanes = 16
-            self.conv1 = conv3x3(3, 16)
-            widths = [16, 32, 64]
-        else:
-            self.input_size = 224
-            self.inplanes = 64
-            self.conv1 = nn.Conv2d(3, 64, kernel_size=7, stride=2, padding=3, bias=False)
-            widths = [64, 128, 256, 512]
-        self.bn1 = nn.BatchNorm2d(self.inplanes)
-        self.relu = nn.ReLU(inplace=True)
-        if dataset == "imagenet":
-            self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
+        self._make_stem(dataset)
+        widths = [16, 32, 64] if dataset == "cifar" else [64, 128, 256, 512]
         if len(layers) != len(widths):
             raise ValueError(f"{name}: expected {len(widths)} group sizes, got {layers}")
         for g, (planes, count) in enumerate(zip(widths, layers), start=1):
@@ -395,20 +389,6 @@ class PlainResNet(RoutedModel):
                           shortcut_kind="identity" if b.downsample is None else "projection",
                           out_channels=(b.bn2 if isinstance(b, BasicBlock) else b.bn3).num_features)
                 for b in self._blocks()]
-
-    @property
-    def num_blocks(self) -> int:
-        return sum(self.num_layers)
-
-    def stem(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.relu(self.bn1(self.conv1(x)))
-        if self.dataset == "imagenet":
-            x = self.maxpool(x)
-        return x
-
-    def head(self, h: torch.Tensor) -> torch.Tensor:
-        h = self.avgpool(h)
-        return self.fc(h.reshape(h.shape[0], -1))
 
     def _masked_forward(self, x: torch.Tensor):
         h = self.stem(x)
