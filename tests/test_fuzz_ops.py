@@ -2,7 +2,7 @@
 interpreter, torch reference), and differential fuzzing with arbitrary (often invalid)
 arguments: each backend must raise exactly when the reference raises, and otherwise
 agree with it bit for bit. Complements the per-backend tests in tests/test_native_ops.py
-and tests/test_triton_ops.py (docs/robustness.md)."""
+and tests/test_triton_ops.py (README, "Robustness")."""
 import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")  # before any Triton kernel is decorated

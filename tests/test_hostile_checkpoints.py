@@ -1,4 +1,4 @@
-"""Broken and hostile checkpoint files (docs/robustness.md). Complements
+"""Broken and hostile checkpoint files (README, "Robustness"). Complements
 tests/test_checkpoints.py (missing/empty/random/truncated files, wrong keys and shapes,
 a raw pickle with code, trust=True): every case here raises one CheckpointError naming
 the file and what to do, or loads with the documented result; nothing runs code from a

@@ -1,4 +1,4 @@
-"""Robustness of ``engine(x)`` / ``model(x)`` (docs/robustness.md): bad inputs fail with a
+"""Robustness of ``engine(x)`` / ``model(x)`` (README, "Robustness"): bad inputs fail with a
 clear error, edge-case inputs work, NaN/Inf behave as documented and identically in the
 engine and the eager reference, concurrent calls give the single-threaded results, and
 repeated calls neither keep state nor grow memory."""
