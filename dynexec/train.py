@@ -323,6 +323,8 @@ class SkipNetStage(Stage):
                              f"(cifar10_rnn_gate_38, cifar10_rnn_gate_rl_38, ...), got {args.arch}")
         if args.init:
             self._init_from(args.init)
+        if args.soften_gates != 1.0:
+            self._soften(args.soften_gates)
         gate_params = [p for n, p in self.model.named_parameters() if _is_gate_param(n)]
         net_params = [p for n, p in self.model.named_parameters() if not _is_gate_param(n)]
         gate_lr = args.gate_lr if args.gate_lr is not None else args.lr
@@ -348,6 +350,19 @@ class SkipNetStage(Stage):
             ckpt_mod._fill_downsample_twins(sd, self.model)
             ckpt_mod.strict_load(self.model, sd, path, "state_dict")
             print(f"[init] all weights from {path}")
+
+    @torch.no_grad()
+    def _soften(self, t: float) -> None:
+        """Divide the gates' final logits by t (like the official ``hotter``): the hard
+        decisions (sign of the logit) are unchanged, the sampling explores more."""
+        if self.model.gate_type == "rnn":
+            self.model.control.proj.weight.div_(t)
+            self.model.control.proj.bias.div_(t)
+        else:
+            for g in self.model.gates():
+                g.linear_layer.weight.div_(t)
+                g.linear_layer.bias.div_(t)
+        print(f"[init] gate logits divided by {t}")
 
     def train_step(self, x, y):
         self.model.train()
@@ -594,10 +609,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--schedule", choices=tuple(SCHEDULES), default=None)
     p.add_argument("--wd", type=float, default=None)
     p.add_argument("--save-every", type=int, default=50, help="resume file every N iterations")
+    p.add_argument("--max-exec", type=float, default=None,
+                   help="model selection: only epochs whose validation executed fraction "
+                        "(SkipNet computation %%/100, BlockDrop block usage/K) is <= this can "
+                        "become the 'best' checkpoint")
     # SkipNet HRL
     p.add_argument("--alpha", type=float, default=0.1, help="HRL skip reward (total per sample)")
     p.add_argument("--gamma", type=float, default=1.0)
     p.add_argument("--rl-weight", type=float, default=0.01)
+    p.add_argument("--soften-gates", type=float, default=1.0,
+                   help="HRL init: divide the gate logits by this (decisions unchanged, more "
+                        "exploration when the SP gates are saturated)")
     p.add_argument("--baseline", choices=("none", "batch-mean"), default="batch-mean")
     # BlockDrop
     p.add_argument("--bd-alpha", type=float, default=0.8, help="bounded sampling alpha")
@@ -726,7 +748,9 @@ def run(argv=None) -> dict:
         finished = b >= per_epoch
         steps = max(1, acc_sum["steps"])
         val = stage.evaluate(xva, yva) if xva.shape[0] else {"acc": float("nan")}
-        if val["acc"] > best:
+        cost = val.get("computation_pct", 100.0 * val.get("exec_frac", 1.0)) / 100.0
+        eligible = a.max_exec is None or cost <= a.max_exec
+        if eligible and val["acc"] > best:
             best = val["acc"]
             improved = True
         else:
