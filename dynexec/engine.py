@@ -37,8 +37,6 @@ class Engine:
         self.program = program
         self.backend = backend
         self.model = program.model
-        # Freeze where the weights live, so inputs can be checked cheaply.
-        self._param = next(self.model.parameters())
 
     @property
     def num_blocks(self) -> int:
@@ -58,13 +56,10 @@ class Engine:
                  routing: Optional[torch.Tensor] = None):
         self.model.check_input(x)
         if routing is not None:
-            routing = self._check_routing(routing, x.shape[0], x.device)
+            routing = check_routing(routing, x.shape[0], self.num_blocks, x.device)
         with torch.inference_mode():
             logits, used = self._run(x, routing)
         return (logits, used) if return_routing else logits
-
-    def _check_routing(self, routing: torch.Tensor, n: int, device: torch.device) -> torch.Tensor:
-        return check_routing(routing, n, self.num_blocks, device)
 
     def _run(self, x: torch.Tensor, forced: Optional[torch.Tensor]):
         prog = self.program
