@@ -446,7 +446,9 @@ class BlockDropStage(Stage):
                 p.requires_grad_(False)
             params = list(model.agent.parameters())
         else:
-            params = list(model.parameters())
+            agent_lr = args.agent_lr if args.agent_lr is not None else args.lr
+            params = [{"params": list(model.resnet.parameters()), "lr": args.lr},
+                      {"params": list(model.agent.parameters()), "lr": agent_lr}]
         self.optimizer = torch.optim.Adam(params, lr=args.lr, weight_decay=args.wd)
         self.make_scheduler()
         self.iteration = 0
@@ -627,6 +629,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--beta", type=float, default=0.1, help="entropy bonus (curriculum)")
     p.add_argument("--cl-step-iters", type=int, default=20,
                    help="curriculum: unlock one more block every N iterations")
+    p.add_argument("--agent-lr", type=float, default=None,
+                   help="finetune: the agent's lr (default --lr, as finetune.py)")
     p.add_argument("--pg-scale", type=float, default=1.0,
                    help="finetune: scale of the summed policy-gradient term")
     p.add_argument("--agent-init-bias", type=float, default=2.0,

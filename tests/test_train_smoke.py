@@ -170,3 +170,31 @@ def test_resume_continues_where_it_stopped(tmp_path):
 def test_real_data_used():
     x, y = data_mod.load_fashion_mnist("train", limit=64)
     assert x.shape == (64, 3, 32, 32) and int(y.max()) < 10
+
+
+def test_soften_gates_keeps_decisions(tmp_path):
+    """--soften-gates divides the gate logits: same hard decisions, probabilities nearer 0.5."""
+    def stage(t):
+        torch.manual_seed(0)
+        args = train_mod.parse_args(["--stage", "hrl", "--arch", "cifar10_rnn_gate_rl_38", "--layers",
+                                     "2", "2", "2", "--run-dir", str(tmp_path), "--soften-gates", str(t)])
+        return train_mod.SkipNetStage(args, 10)
+    plain, soft = stage(1.0), stage(4.0)
+    with torch.no_grad():
+        plain.model.control.proj.bias.fill_(0.3)   # some blocks on, some off
+        soft.model.control.proj.bias.fill_(0.3 / 4)
+    x = torch.randn(16, 3, 32, 32)
+    plain.model.eval(), soft.model.eval()
+    with torch.no_grad():
+        assert torch.equal(plain.model.forward_routing(x)[1], soft.model.forward_routing(x)[1])
+        _, _, p_plain = train_mod.skipnet_sp_forward(plain.model, x)
+        _, _, p_soft = train_mod.skipnet_sp_forward(soft.model, x)
+    assert (p_soft - 0.5).abs().max() < (p_plain - 0.5).abs().max()
+
+
+def test_finetune_agent_lr_param_groups(tmp_path):
+    args = train_mod.parse_args(["--stage", "finetune", "--arch", "R32_C10", "--layers", "1", "1", "1",
+                                 "--run-dir", str(tmp_path), "--lr", "1e-3", "--agent-lr", "1e-5"])
+    st = train_mod.BlockDropStage(args, 10)
+    lrs = sorted(g["lr"] for g in st.optimizer.param_groups)
+    assert lrs == [1e-5, 1e-3]
