@@ -7,7 +7,8 @@ bias is calibrated to the published routing, and labelled ``calibrated`` everywh
   (specs/skipnet.md §7.1, computation percentage);
 - ``blockdrop110``: BlockDrop R110_C10; 16.933 of 54 blocks (specs/blockdrop.md §5.1);
 - ``skipnet101``: ImageNet SkipNet-101 HRL; 70.058 % of the blocks;
-- ``blockdrop101``: BlockDrop R101_ImgNet; 24.770 of 33 blocks.
+- ``blockdrop101``: BlockDrop R101_ImgNet; 24.770 of 33 blocks;
+- ``skipnet110-allon``, ``blockdrop110-allon``: every block routed (the engine's overhead).
 
 Shipped checkpoints trained on Fashion-MNIST (``checkpoints/*.pth.tar`` / ``*.t7``) are
 ``trained`` presets when present.
@@ -52,6 +53,12 @@ CALIBRATED = {
     "blockdrop101": Preset("blockdrop101", "R101_ImgNet", 24.770 / 33,
                            description="BlockDrop R101, calibrated to 24.8 of 33 blocks"),
 }
+# Every block routed: the engine's overhead over the dense engine (router included).
+CALIBRATED.update({
+    f"{name}-allon": Preset(f"{name}-allon", CALIBRATED[name].arch, 1.0,
+                            description=f"{CALIBRATED[name].description.split(',')[0]}, every block routed")
+    for name in ("skipnet110", "blockdrop110")
+})
 TRAINED = {
     "skipnet38-fmnist": Preset("skipnet38-fmnist", "cifar10_rnn_gate_rl_38",
                                checkpoint="skipnet38_rnn_hrl_fmnist.pth.tar",

@@ -1,0 +1,64 @@
+"""Smoke run of benchmarks/latency.py (the full benchmark is not a test) and the presets."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import torch
+
+from dynexec.presets import build_preset
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROW_FIELDS = {"model", "routing_source", "device", "gpu", "batch_size", "method", "backend",
+              "ms_median", "ms_p20", "ms_p80", "samples_per_s", "executed_fraction",
+              "flops_dense", "flops_executed", "theoretical_speedup", "realized_speedup",
+              "realization", "speedup_vs_official"}
+
+
+def test_latency_smoke(tmp_path):
+    out = tmp_path / "r.json"
+    cmd = [sys.executable, os.path.join(ROOT, "benchmarks", "latency.py"), "--device", "cpu",
+           "--models", "blockdrop110,skipnet110-allon", "--batch-sizes", "1,3", "--repeats", "2",
+           "--warmup", "1", "--pool", "2", "--calibration", "8", "--threads", "1",
+           "--backends", "native,torch", "--no-progress", "--data", "random",
+           "--json", str(out), "--csv", str(tmp_path / "r.csv"), "--plot", str(tmp_path / "r.png")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(out.read_text())
+    assert {"torch", "device", "threads", "cpu_model"} <= set(result["machine"])
+    rows = result["rows"]
+    assert all(set(r) == ROW_FIELDS for r in rows)
+    methods = {(r["model"], r["batch_size"], r["method"], r["backend"]) for r in rows}
+    for model in ("blockdrop110", "skipnet110-allon"):
+        for batch in (1, 3):
+            for method, backend in [("official-masked", "-"), ("dense-engine", "native"),
+                                    ("dynexec", "native"), ("dynexec", "torch"), ("per-sample", "native")]:
+                assert (model, batch, method, backend) in methods
+    for r in rows:
+        assert r["routing_source"] == "calibrated"
+        assert r["realization"] == r["realized_speedup"] / r["theoretical_speedup"]
+        if r["method"] == "dense-engine":
+            assert r["realized_speedup"] == 1.0 and r["executed_fraction"] == 1.0
+    allon = [r for r in rows if r["model"] == "skipnet110-allon" and r["method"] == "dynexec"]
+    assert all(r["executed_fraction"] == 1.0 for r in allon)
+    assert (tmp_path / "r.png").stat().st_size > 0
+    assert "inputs for blockdrop110: random normal inputs" in proc.stdout
+
+
+def test_gpu_flag_without_gpu_is_a_clear_error():
+    if torch.cuda.is_available():
+        return
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "latency.py"), "--gpu", "a100"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "no CUDA device" in proc.stderr and "--device cpu" in proc.stderr
+
+
+def test_calibrated_preset_hits_its_target():
+    images = torch.randn(16, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    model, source = build_preset("blockdrop110", images)
+    assert source == "calibrated"
+    frac = model.forward_routing(images)[1].float().mean().item()
+    assert abs(frac - 16.933 / 54) < 0.05
