@@ -64,7 +64,7 @@ TRAINED = {
                                checkpoint="skipnet38_rnn_hrl_fmnist.pth.tar",
                                description="SkipNet-38 (recurrent gate, HRL) trained on Fashion-MNIST"),
     "blockdrop32-fmnist": Preset("blockdrop32-fmnist", "R32_C10",
-                                 checkpoint="blockdrop_r32_finetuned_fmnist.t7",
+                                 checkpoint="blockdrop_r32_ft_fmnist.t7",
                                  description="BlockDrop R32 (finetuned) trained on Fashion-MNIST"),
 }
 PRESETS = {**CALIBRATED, **TRAINED}
