@@ -41,6 +41,16 @@ inline bool rows_dense(const at::Tensor& t, at::MemoryFormat fmt) {
   return true;
 }
 
+// Finds a layout (contiguous, else channels_last for 4-D) in which every row of ``t`` is
+// dense; returns false if there is none. The in-place scatter needs one to write directly.
+inline bool find_dense_row_format(const at::Tensor& t, at::MemoryFormat& fmt) {
+  fmt = at::MemoryFormat::Contiguous;
+  if (rows_dense(t, fmt)) return true;
+  if (t.dim() != 4) return false;
+  fmt = at::MemoryFormat::ChannelsLast;
+  return rows_dense(t, fmt);
+}
+
 inline int64_t row_numel(const at::Tensor& t) {
   int64_t n = 1;
   for (int64_t i = 1; i < t.dim(); ++i) n *= t.size(i);

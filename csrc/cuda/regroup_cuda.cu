@@ -206,12 +206,8 @@ void scatter_residual_relu_cuda(const at::Tensor& out_, const at::Tensor& y_, co
   const int64_t row_len = row_numel(out);
   if (count == 0 || row_len == 0) return;
   const at::Tensor idx = idx_.narrow(0, 0, count).contiguous();
-  at::MemoryFormat fmt = at::MemoryFormat::Contiguous;
-  bool dense = rows_dense(out, fmt);
-  if (!dense && out.dim() == 4) {
-    fmt = at::MemoryFormat::ChannelsLast;
-    dense = rows_dense(out, fmt);
-  }
+  at::MemoryFormat fmt;
+  const bool dense = find_dense_row_format(out, fmt);
   at::Tensor y = y_.narrow(0, 0, count);
   if (dense) {
     if (!rows_dense(y, fmt)) y = y.contiguous(fmt);
