@@ -209,6 +209,14 @@ def _constant(total: int):
 SCHEDULES = {"onecycle": _one_cycle, "cosine": _cosine, "constant": _constant}
 
 
+def build_from_args(args: argparse.Namespace):
+    """The model named by --arch, with --layers / --num-classes when given."""
+    kw = {"layers": args.layers} if args.layers else {}
+    if args.num_classes:
+        kw["num_classes"] = args.num_classes
+    return build(args.arch, **kw)
+
+
 class Stage:
     """One training stage: model(s), optimiser, a train step and an evaluation."""
 
@@ -258,10 +266,7 @@ class Stage:
 class BaseStage(Stage):
     def __init__(self, args, total_iters):
         super().__init__(args, total_iters)
-        kw = {"layers": args.layers} if args.layers else {}
-        if args.num_classes:
-            kw["num_classes"] = args.num_classes
-        m = build(args.arch, **kw)
+        m = build_from_args(args)
         if isinstance(m, BlockDrop):
             self.family = "blockdrop-base"
             self.model = m.resnet
@@ -314,10 +319,7 @@ class SkipNetStage(Stage):
 
     def __init__(self, args, total_iters):
         super().__init__(args, total_iters)
-        kw = {"layers": args.layers} if args.layers else {}
-        if args.num_classes:
-            kw["num_classes"] = args.num_classes
-        self.model = build(args.arch, **kw)
+        self.model = build_from_args(args)
         if not isinstance(self.model, SkipNet):
             raise SystemExit(f"--stage {args.stage} needs a gated SkipNet arch "
                              f"(cifar10_rnn_gate_38, cifar10_rnn_gate_rl_38, ...), got {args.arch}")
@@ -414,10 +416,7 @@ class BlockDropStage(Stage):
 
     def __init__(self, args, total_iters):
         super().__init__(args, total_iters)
-        kw = {"layers": args.layers} if args.layers else {}
-        if args.num_classes:
-            kw["num_classes"] = args.num_classes
-        model = build(args.arch, **kw)
+        model = build_from_args(args)
         if not isinstance(model, BlockDrop):
             raise SystemExit(f"--stage {args.stage} needs a BlockDrop id (R32_C10, ...), got {args.arch}")
         if args.backbone:
