@@ -122,9 +122,12 @@ def _load(path: str, map_location: Any, weights_only: bool) -> Any:
     try:
         return torch.load(path, map_location=map_location, weights_only=weights_only)
     except UnicodeDecodeError:
-        # Python 2 pickles (BlockDrop was written for Python 2.7).
-        return torch.load(path, map_location=map_location, weights_only=weights_only,
-                          encoding="latin1")
+        # Python 2 pickles (BlockDrop was written for Python 2.7). The weights-only
+        # unpickler honours the encoding too, although torch warns that it might not.
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="pickle_load_args only works")
+            return torch.load(path, map_location=map_location, weights_only=weights_only,
+                              encoding="latin1")
 
 
 def _first_line(exc: BaseException) -> str:
