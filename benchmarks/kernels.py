@@ -432,7 +432,7 @@ def run_ops(args, device: torch.device, backends: list[str], threads: int) -> tu
                                      lambda: scatter_inplace_composition(out_b, y, idx, count)], fns)
             name = "sel+add+relu+index_copy_" if b1 <= b2 else "sel+add_+relu_+index_copy_"
             record("scatter_relu_", shape, layout, frac, name, min(b1, b2), times, errs)
-            del out_b, y, want, fns
+            del want, fns
 
     # downsample_b (BlockDrop's CIFAR shortcut: channels double at stage boundaries)
     for shape, layout in [(s, "nchw") for s in CIFAR[:2]] + [(s, "cl") for s in CIFAR[:2]]:

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from typing import Optional
@@ -127,7 +126,7 @@ def format_report(m: dict) -> str:
              f"accuracy eager  {m['accuracy_eager']:.2f} %",
              f"accuracy engine {m['accuracy_engine']:.2f} %  (backend {m['backend']}, "
              f"fold_bn {m['fold_bn']}, max |logit diff| {m['max_abs_logit_diff']:.2e})",
-             f"routing decisions identical: "
+             "routing decisions identical: "
              + ("yes" if m["routing_mismatch_samples"] == 0 else
                 f"NO: {m['routing_mismatch_samples']} samples differ "
                 f"(first indices {m['routing_mismatch_indices']})")]

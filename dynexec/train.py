@@ -44,11 +44,10 @@ import os
 import sys
 import time
 from collections import OrderedDict
-from typing import Any, Optional
+from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from . import checkpoints as ckpt_mod
 from . import data as data_mod

@@ -205,7 +205,7 @@ CONFIGS: dict[tuple[int, int, int, int], dict] = {
     (64, 64, 3, 1): _cfg(64, 64, 32),
     # ImageNet ResNet-101 Bottleneck (1x1 reduce, 3x3, 1x1 expand, projection).
     (64, 64, 1, 1): _cfg(128, 64, 32),
-    (64, 64, 3, 1): _cfg(64, 64, 32),       # (same key as CIFAR: identical choice)
+    # (64, 64, 3, 1): the CIFAR entry above serves the ImageNet layer too.
     (64, 256, 1, 1): _cfg(128, 128, 32, 8),
     (256, 64, 1, 1): _cfg(128, 64, 64),
     (256, 128, 1, 1): _cfg(128, 128, 64, 8),

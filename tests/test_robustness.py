@@ -14,7 +14,7 @@ import torch
 
 import dynexec
 from dynexec.ops import backend_status
-from conftest import FAMILIES, input_size, make_model, rel_err
+from conftest import input_size, make_model, rel_err
 
 BACKENDS = [name for name in ("native", "torch") if backend_status("cpu")[name][0]]
 

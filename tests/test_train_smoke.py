@@ -9,7 +9,6 @@ identically through ``dynexec.compile`` and the eager model.
 from __future__ import annotations
 
 import json
-import os
 
 import pytest
 import torch
