@@ -36,7 +36,7 @@ def _torch_backend() -> Backend:
                    reference.scatter_residual_relu_, reference.downsample_b)
 
 
-def _native_status() -> tuple[bool, str]:
+def _native_status(device: torch.device) -> tuple[bool, str]:
     try:
         from .. import _native
     except ImportError as exc:  # the loader module itself is missing
@@ -44,6 +44,9 @@ def _native_status() -> tuple[bool, str]:
     module, reason = _native.load()
     if module is None:
         return False, reason or "the extension dynexec._C is not built"
+    if device.type == "cuda" and _native.extension_cuda_version() == 0:
+        return False, ("dynexec._C was built without CUDA kernels; rebuild on a machine with "
+                       "CUDA torch and nvcc (DYNEXEC_CUDA=1 pip install -e . --no-build-isolation)")
     return True, "dynexec._C loaded"
 
 
@@ -75,7 +78,7 @@ def backend_status(device: torch.device | str = "cpu") -> dict[str, tuple[bool, 
     """name -> (available, reason) for the given device."""
     device = torch.device(device)
     return {
-        "native": _native_status(),
+        "native": _native_status(device),
         "triton": _triton_status(device),
         "torch": (True, "pure-PyTorch reference"),
     }
