@@ -5,7 +5,6 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
 from dynexec import _native
 from dynexec.ops import backend_status, get_backend
