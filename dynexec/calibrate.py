@@ -27,12 +27,6 @@ def _router_bias(model: RoutedModel) -> list[torch.Tensor]:
 
 
 @torch.no_grad()
-def executed_fraction(model: RoutedModel, x: torch.Tensor) -> float:
-    """Mean fraction of blocks executed on ``x`` (SkipNet's block 0 included)."""
-    return model.forward_routing(x)[1].float().mean().item()
-
-
-@torch.no_grad()
 def calibrate(model: RoutedModel, x: torch.Tensor, target: float, *, iters: int = 16,
               span: float = 20.0, edge_iters: int = 10) -> float:
     """Shift the router bias so that the executed fraction on ``x`` is close to ``target``
@@ -48,8 +42,7 @@ def calibrate(model: RoutedModel, x: torch.Tensor, target: float, *, iters: int 
         return model.forward_routing(x)[1]
 
     if target >= 1.0 or target <= 0.0:
-        routing_at(span * 10 if target >= 1.0 else -span * 10)
-        return executed_fraction(model, x)
+        return routing_at(span * 10 if target >= 1.0 else -span * 10).float().mean().item()
     lo, hi = -span, span
     best, best_err = 0.0, float("inf")
     for _ in range(iters):
@@ -68,8 +61,7 @@ def calibrate(model: RoutedModel, x: torch.Tensor, target: float, *, iters: int 
     same = lambda offset: torch.equal(routing_at(offset), routing)
     left = _edge(same, best, best - 1.0, edge_iters)
     right = _edge(same, best, best + 1.0, edge_iters)
-    routing_at((left + right) / 2)
-    return executed_fraction(model, x)
+    return routing_at((left + right) / 2).float().mean().item()
 
 
 def _edge(same, inside: float, outside: float, iters: int) -> float:

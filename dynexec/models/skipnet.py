@@ -310,11 +310,6 @@ class SkipNet(_ResNetTrunk):
             return self.control.init_state(batch, like)
         return None
 
-    def gate_prob(self, k: int, h: torch.Tensor, state):
-        """Probability [N] that block k+1 executes, from the output h of block k."""
-        g, i = self._names()[k]
-        return self.gate_step(getattr(self, f"group{g}_gate{i}"), h, state)
-
     @staticmethod
     def decide(p: torch.Tensor) -> torch.Tensor:
         """Official rule: execute iff p > 0.5 (strict; p == 0.5 and NaN skip)."""
