@@ -151,11 +151,19 @@ def run(args) -> dict:
     jobs = [(m, b) for m in model_names for b in args.batch_sizes]
     bar = tqdm(total=len(jobs), desc="latency", unit="config", file=sys.stderr,
                disable=args.no_progress) if tqdm else None
+    pools: dict[int, tuple[torch.Tensor, str]] = {}
+
+    def images_for(size: int) -> tuple[torch.Tensor, str]:
+        """The benchmark's input pool for one image size, read once for every model."""
+        if size not in pools:
+            count = max(max(args.batch_sizes) * args.pool, args.calibration)
+            pools[size] = load_images(args.data, size, count, seed=2)
+        return pools[size]
+
     for model_name in model_names:
-        model, source, size = _model(args, model_name)
+        model, source, size = _model(args, model_name, images_for)
         model = model.to(device)
-        pool = max(args.batch_sizes) * args.pool
-        images, label = load_images(args.data, size, pool, seed=2)
+        images, label = images_for(size)
         inputs[model_name] = label
         images = images.to(device)
         table = count_flops(model)
@@ -204,15 +212,16 @@ def run(args) -> dict:
     return {"machine": machine_info(device, args), "inputs": inputs, "rows": rows}
 
 
-def _model(args, name: str):
+def _model(args, name: str, images_for):
+    """(model, routing_source, input size); calibrated presets are calibrated on the first
+    ``--calibration`` images of the benchmark's input pool."""
     if args.checkpoint and name == "checkpoint":
         model = dynexec.load_checkpoint(args.checkpoint, backbone=args.backbone)
         return model, "trained", model.input_size
     preset = PRESETS.get(name)
     if preset is None:
         sys.exit(f"unknown model {name!r}; expected one of {sorted(PRESETS)} (or --checkpoint)")
-    images, _ = load_images(args.data, preset.input_size, args.calibration, seed=1)
-    model, source = build_preset(name, images)
+    model, source = build_preset(name, images_for(preset.input_size)[0][:args.calibration])
     return model, source, preset.input_size
 
 
