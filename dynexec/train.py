@@ -61,14 +61,18 @@ STAGES = ("base", "sp", "hrl", "curriculum", "finetune")
 # --------------------------------------------------------------------------------------
 # Differentiable / sampled forward passes (training only; eval uses model.forward_routing)
 # --------------------------------------------------------------------------------------
+def _skipnet_start(model: SkipNet, x: torch.Tensor):
+    """The part every SkipNet forward shares: stem, fresh gate state, block 0 (always
+    executed). Returns (block views, gate modules, h after block 0, gate state)."""
+    h = model.stem(x)
+    state = model.gate_init_state(x.shape[0], h)
+    return model.block_views(), model.gates(), model.group1_layer0(h), state
+
+
 def skipnet_sp_forward(model: SkipNet, x: torch.Tensor):
     """Straight-through hard gates. Returns (logits, routing bool [N, K], probs [N, K-1])."""
-    views = model.block_views()
-    gates = model.gates()
+    views, gates, h, state = _skipnet_start(model, x)
     n = x.shape[0]
-    h = model.stem(x)
-    state = model.gate_init_state(n, h)
-    h = model.group1_layer0(h)
     masks, probs = [torch.ones(n, dtype=torch.bool, device=x.device)], []
     for k in range(1, len(views)):
         p, state = model.gate_step(gates[k - 1], h, state)
@@ -86,12 +90,8 @@ def skipnet_sp_forward(model: SkipNet, x: torch.Tensor):
 def skipnet_rl_forward(model: SkipNet, x: torch.Tensor, sample: bool = True):
     """Sampled gate actions (a ~ Bernoulli(p)); blocks run only on the samples that
     execute them. Returns (logits, actions float [N, K-1], log pi(a) [N, K-1])."""
-    views = model.block_views()
-    gates = model.gates()
+    views, gates, h, state = _skipnet_start(model, x)
     n = x.shape[0]
-    h = model.stem(x)
-    state = model.gate_init_state(n, h)
-    h = model.group1_layer0(h)
     actions, logps = [], []
     for k in range(1, len(views)):
         p, state = model.gate_step(gates[k - 1], h, state)
