@@ -413,7 +413,7 @@ class GraphEngine:
             h = h.clone(memory_format=CL)
         h = h.contiguous(memory_format=CL)
         self._log("stem", tuple(h.shape))
-        state = model.gate_init_state(n, h) if online else None
+        state = prog.gate_runner.init_state(n, h) if online else None
         for k, blk in enumerate(self._blocks):
             if forced is None and (prog.router == "none" or (online and k == 0)):
                 # Statically known to run on the whole batch (no router decision).
@@ -424,7 +424,7 @@ class GraphEngine:
                 self._log("partition", k, n)
             h = self._run_block(k, blk, h, idx, count, ws)
             if online and k + 1 < k_total:
-                p, state = model.gate_step(prog.gates[k], h, state)
+                p, state = prog.gate_runner.step(k, h, state)
                 routing[:, k + 1] = model.decide(p)
                 self._log("gate", k)
         logits = prog.head(h)

@@ -162,7 +162,6 @@ class Program:
     blocks: tuple[ProgramBlock, ...]
     head: Callable[[torch.Tensor], torch.Tensor]
     router: str                              # 'none' | 'planned' | 'online'
-    gates: tuple[nn.Module, ...] = ()        # online routers: the model's gate modules
     gate_runner: Optional[object] = None     # online: init_state(n, like), step(k, h, state)
     policy: Optional[DenseProgram] = None    # planned routers: probabilities [N, K]
     folded: bool = False
@@ -194,7 +193,6 @@ def lower(model: RoutedModel, fold_bn: bool = True, channels_last: bool = False)
         raise ValueError("compile expects an eval-mode model (BatchNorm must use running "
                          "statistics); call model.eval() first")
     blocks = tuple(_lower_block(v, fold_bn) for v in model.block_views())
-    gates = tuple(model.gates()) if model.router == "online" else ()
     gate_runner = lower_gates(model, fuse=fold_bn) if model.router == "online" else None
     policy = None
     if model.router == "planned":
@@ -202,6 +200,6 @@ def lower(model: RoutedModel, fold_bn: bool = True, channels_last: bool = False)
         policy = DenseProgram(stem=agent.stem, head=agent.head,
                               blocks=tuple(_lower_block(v, fold_bn) for v in agent.block_views()))
     return Program(model=model, stem=model.stem, blocks=blocks, head=model.head,
-                   router=model.router, gates=gates, gate_runner=gate_runner, policy=policy,
+                   router=model.router, gate_runner=gate_runner, policy=policy,
                    folded=fold_bn,
                    channels_last=channels_last)
