@@ -9,7 +9,7 @@ import torch
 
 from . import __version__
 from .graph_engine import graph_backend_status
-from .ops import BACKENDS, backend_status
+from .ops import BACKENDS, backend_status, get_backend
 
 OPS = ("partition", "gather_rows", "scatter_residual_relu_", "downsample_b")
 
@@ -41,9 +41,7 @@ def report() -> str:
             lines.append(f"          ops: {ops}")
         ok, reason = graph_backend_status(torch.device(device))
         lines.append(f"  triton-graph {'available' if ok else 'unavailable'}: {reason}")
-        order = ("native", "torch") if device == "cpu" else ("triton", "native", "torch")
-        chosen = next(n for n in order if status[n][0])
-        lines.append(f"  auto -> {chosen}")
+        lines.append(f"  auto -> {get_backend('auto', device).name}")
     if not torch.cuda.is_available():
         lines.append("device cuda: not available (no CUDA device or CPU-only torch)")
     return "\n".join(lines)
