@@ -94,7 +94,7 @@ class Engine:
         return dense.head(h)
 
     def _run_block_all(self, block: ProgramBlock, h: torch.Tensor) -> torch.Tensor:
-        return block.branch(h).add_(self._shortcut(block, h)).relu_()
+        return block.branch_add_relu(h, self._shortcut(block, h))
 
     def _run_block(self, block: ProgramBlock, h: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         n = h.shape[0]

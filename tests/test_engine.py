@@ -139,3 +139,21 @@ def test_compile_errors():
         engine(x, routing=torch.ones(3, 8, dtype=torch.bool))
     with pytest.raises(TypeError, match="bool"):
         engine(x, routing=torch.ones(2, 8))
+
+
+@pytest.mark.skipif(not dynexec.program.onednn_packing_available(), reason="torch built without oneDNN")
+@pytest.mark.parametrize("family", ["skipnet-cifar-rnn", "blockdrop-cifar"])
+def test_onednn_packed_weights_used_and_exact_layout(family):
+    """CPU float32 NHWC programs run their folded convolutions on pre-packed oneDNN weights
+    (the fast path the benchmarks measure); NCHW and float64 programs keep F.conv2d."""
+    model = make_model(family)
+    packed = dynexec.compile(model)
+    plain = dynexec.compile(model, channels_last=False)
+    assert all(c.packed is not None for b in packed.program.blocks for c in b.branch.convs)
+    assert all(c.packed is None for b in plain.program.blocks for c in b.branch.convs)
+    x = torch.randn(7, 3, 32, 32)
+    (a, ra), (b, rb) = packed(x, return_routing=True), plain(x, return_routing=True)
+    assert torch.equal(ra, rb)
+    assert rel_err(a, b) < 1e-5
+    double = dynexec.compile(make_model(family).double())
+    assert all(c.packed is None for b in double.program.blocks for c in b.branch.convs)
