@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .models.blockdrop import BasicBlock as BDBasic, Bottleneck as BDBottleneck, DownsampleB
-from .models.common import BlockView, RoutedModel
+from .models.common import BlockView, RoutedModel, StemView
 from .models.skipnet import BasicBlock as SNBasic, Bottleneck as SNBottleneck
 
 
@@ -114,6 +114,26 @@ class FoldedChain:
     @property
     def weights(self) -> list[torch.Tensor]:
         return [c.weight for c in self.convs]
+
+
+class FoldedStem:
+    """pre -> conv with BN folded and ReLU -> post."""
+
+    def __init__(self, view: StemView, pack: bool):
+        conv = fold_conv_bn(view.conv, view.bn, relu=True)
+        self.conv = conv.packed_for_cpu() if pack else conv
+        self.pre, self.post = view.pre, view.post
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.pre is not None:
+            x = self.pre(x)
+        x = self.conv(x)
+        return self.post(x) if self.post is not None else x
+
+
+def _lower_stem(owner, fold_bn: bool, pack: bool) -> Callable[[torch.Tensor], torch.Tensor]:
+    view = owner.stem_view() if fold_bn else None
+    return FoldedStem(view, pack) if view is not None else owner.stem
 
 
 def _fold_branch(module: nn.Module) -> Optional[FoldedChain]:
@@ -257,9 +277,9 @@ def lower(model: RoutedModel, fold_bn: bool = True, channels_last: bool = False)
     policy = None
     if model.router == "planned":
         agent = model.policy_network()
-        policy = DenseProgram(stem=agent.stem, head=agent.head,
+        policy = DenseProgram(stem=_lower_stem(agent, fold_bn, pack), head=agent.head,
                               blocks=tuple(_lower_block(v, fold_bn, pack) for v in agent.block_views()))
-    return Program(model=model, stem=model.stem, blocks=blocks, head=model.head,
+    return Program(model=model, stem=_lower_stem(model, fold_bn, pack), blocks=blocks, head=model.head,
                    router=model.router, gate_runner=gate_runner, policy=policy,
                    folded=fold_bn,
                    channels_last=channels_last)

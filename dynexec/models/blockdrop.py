@@ -11,13 +11,14 @@ dropped one gives ds(x) with no ReLU; the stage's downsample always runs at b ==
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .common import BlockView, RoutedModel, conv3x3, official_init_
+from .common import BlockView, RoutedModel, StemView, conv3x3, official_init_
 
 
 class BasicBlock(nn.Module):
@@ -168,6 +169,9 @@ class FlatResNet32(FlatResNet):
     def seed(self, x: torch.Tensor) -> torch.Tensor:
         return self.relu(self.bn1(self.conv1(x)))
 
+    def seed_view(self) -> StemView:
+        return StemView(self.conv1, self.bn1)
+
 
 class FlatResNet224(FlatResNet):
     """ImageNet backbone: 7x7 stem + max-pool, stages 64/128/256/512, conv+BN shortcuts."""
@@ -192,6 +196,9 @@ class FlatResNet224(FlatResNet):
     def seed(self, x: torch.Tensor) -> torch.Tensor:
         return self.maxpool(self.relu(self.bn1(self.conv1(x))))
 
+    def seed_view(self) -> StemView:
+        return StemView(self.conv1, self.bn1, post=self.maxpool)
+
 
 class _Policy(nn.Module):
     """Agent: a small flat ResNet whose fc is replaced by identity, plus the policy head
@@ -214,6 +221,9 @@ class _Policy(nn.Module):
     # The agent as a dense program (every block runs), so the engine can lower it too.
     def stem(self, x: torch.Tensor) -> torch.Tensor:
         return self.features.seed(self.prepare(x))
+
+    def stem_view(self) -> StemView:
+        return dataclasses.replace(self.features.seed_view(), pre=self.prepare)
 
     def block_views(self) -> list[BlockView]:
         return self.features.shortcut_views()
@@ -283,6 +293,9 @@ class BlockDrop(RoutedModel):
 
     def stem(self, x: torch.Tensor) -> torch.Tensor:
         return self.resnet.seed(x)
+
+    def stem_view(self) -> StemView:
+        return self.resnet.seed_view()
 
     def block_views(self) -> list[BlockView]:
         return self.resnet.shortcut_views()

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch import nn
@@ -48,6 +48,17 @@ class BlockView:
     shortcut: Optional[nn.Module]
     shortcut_kind: str
     out_channels: int
+
+
+@dataclass(frozen=True)
+class StemView:
+    """The stem as the engine sees it: pre -> conv -> BN -> ReLU -> post, so lowering can
+    fold the BatchNorm. pre/post are optional callables (e.g. an input pool, a max-pool)."""
+
+    conv: nn.Conv2d
+    bn: nn.BatchNorm2d
+    pre: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
+    post: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
 
 
 def check_input(x, *, model_name: str, in_channels: int, size: int,
@@ -97,6 +108,11 @@ class RoutedModel(nn.Module):
 
     def head(self, h: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    def stem_view(self) -> Optional[StemView]:
+        """The stem's parts when it is conv -> BN -> ReLU (lets lowering fold it); None
+        makes the engine call ``stem`` as is."""
+        return None
 
     @property
     def num_blocks(self) -> int:

@@ -19,7 +19,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .common import BlockView, RoutedModel, conv3x3, official_init_
+from .common import BlockView, RoutedModel, StemView, conv3x3, official_init_
 
 
 # --------------------------------------------------------------------------------------
@@ -209,6 +209,10 @@ class _ResNetTrunk(RoutedModel):
         if self.dataset == "imagenet":
             x = self.maxpool(x)
         return x
+
+    def stem_view(self) -> StemView:
+        return StemView(self.conv1, self.bn1,
+                        post=self.maxpool if self.dataset == "imagenet" else None)
 
     def head(self, h: torch.Tensor) -> torch.Tensor:
         h = self.avgpool(h)
