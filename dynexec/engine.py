@@ -80,8 +80,12 @@ class Engine:
         h = prog.stem(x)
         online = prog.router == "online" and forced is None
         state = prog.gate_runner.init_state(n, h) if online else None
+        # A routing known up front: every block's count in one reduction.
+        counts = None if online else routing.sum(dim=0).tolist()
         for k, block in enumerate(prog.blocks):
-            h = self._run_block(block, h, routing[:, k])
+            mask = routing[:, k]
+            active = int(mask.sum()) if online else counts[k]
+            h = self._run_block(block, h, mask, active)
             if online and k + 1 < k_total:
                 p, state = prog.gate_runner.step(k, h, state)
                 routing[:, k + 1] = model.decide(p)
@@ -96,9 +100,9 @@ class Engine:
     def _run_block_all(self, block: ProgramBlock, h: torch.Tensor) -> torch.Tensor:
         return block.branch_add_relu(h, self._shortcut(block, h))
 
-    def _run_block(self, block: ProgramBlock, h: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def _run_block(self, block: ProgramBlock, h: torch.Tensor, mask: torch.Tensor,
+                   active: int) -> torch.Tensor:
         n = h.shape[0]
-        active = int(mask.sum())
         if active == n:  # fast path: the whole batch, no gather or scatter
             return self._run_block_all(block, h)
         out = self._shortcut(block, h)

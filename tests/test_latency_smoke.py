@@ -62,3 +62,15 @@ def test_calibrated_preset_hits_its_target():
     assert source == "calibrated"
     frac = model.forward_routing(images)[1].float().mean().item()
     assert abs(frac - 16.933 / 54) < 0.05
+
+
+def test_conv_bound_smoke():
+    """benchmarks/conv_bound.py runs and reports one line per (model, batch)."""
+    cmd = [sys.executable, os.path.join(ROOT, "benchmarks", "conv_bound.py"), "--models",
+           "blockdrop110", "--batch-sizes", "2,5", "--repeats", "1", "--threads", "1"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = [ln.split() for ln in proc.stdout.splitlines() if ln.startswith("blockdrop110")]
+    assert [int(ln[1]) for ln in lines] == [2, 5]
+    for ln in lines:
+        assert 0.0 < float(ln[2]) <= 1.0 and float(ln[3]) > 0 and float(ln[5]) > 0
