@@ -86,30 +86,50 @@ inline void check_gather_args(const at::Tensor& x, const at::Tensor& idx, int64_
   check_idx_count("gather_rows", idx, count, x.size(0), x.device());
 }
 
+// Checks of the scatter's arguments; `op` names the op in the messages (the pooling
+// scatter shares them).
 inline void check_scatter_args(const at::Tensor& out, const at::Tensor& y, const at::Tensor& idx,
-                               int64_t count) {
-  TORCH_CHECK(out.dim() >= 1,
-              "dynexec::scatter_residual_relu_: expected out with at least 1 dimension, but got a "
-              "0-D tensor");
-  TORCH_CHECK(y.device() == out.device(), "dynexec::scatter_residual_relu_: expected y on ",
-              out.device(), " (out's device), but got y on ", y.device());
-  TORCH_CHECK(y.scalar_type() == out.scalar_type(),
-              "dynexec::scatter_residual_relu_: expected y of dtype ", out.scalar_type(),
-              " (out's dtype), but got ", y.scalar_type());
-  TORCH_CHECK(at::isFloatingType(out.scalar_type()),
-              "dynexec::scatter_residual_relu_: expected a floating point out/y, but got ",
-              out.scalar_type());
+                               int64_t count, const char* op = "scatter_residual_relu_") {
+  TORCH_CHECK(out.dim() >= 1, "dynexec::", op,
+              ": expected out with at least 1 dimension, but got a 0-D tensor");
+  TORCH_CHECK(y.device() == out.device(), "dynexec::", op, ": expected y on ", out.device(),
+              " (out's device), but got y on ", y.device());
+  TORCH_CHECK(y.scalar_type() == out.scalar_type(), "dynexec::", op, ": expected y of dtype ",
+              out.scalar_type(), " (out's dtype), but got ", y.scalar_type());
+  TORCH_CHECK(at::isFloatingType(out.scalar_type()), "dynexec::", op,
+              ": expected a floating point out/y, but got ", out.scalar_type());
   bool same_row_shape = y.dim() == out.dim();
   for (int64_t i = 1; same_row_shape && i < out.dim(); ++i) {
     same_row_shape = y.size(i) == out.size(i);
   }
-  TORCH_CHECK(same_row_shape,
-              "dynexec::scatter_residual_relu_: expected y of shape [count, *out.shape[1:]] = [",
-              count, ", ", out.sizes().slice(1), "], but got y of shape ", y.sizes(),
-              " for out of shape ", out.sizes());
-  check_idx_count("scatter_residual_relu_", idx, count, out.size(0), out.device());
-  TORCH_CHECK(y.size(0) >= count, "dynexec::scatter_residual_relu_: expected y with at least count=",
-              count, " rows, but got y of shape ", y.sizes());
+  TORCH_CHECK(same_row_shape, "dynexec::", op,
+              ": expected y of shape [count, *out.shape[1:]] = [", count, ", ",
+              out.sizes().slice(1), "], but got y of shape ", y.sizes(), " for out of shape ",
+              out.sizes());
+  check_idx_count(op, idx, count, out.size(0), out.device());
+  TORCH_CHECK(y.size(0) >= count, "dynexec::", op, ": expected y with at least count=", count,
+              " rows, but got y of shape ", y.sizes());
+}
+
+// The scatter's checks plus: out is 4-D and pooled a contiguous [N, C] tensor of out's
+// dtype and device.
+inline void check_scatter_pool_args(const at::Tensor& out, const at::Tensor& y,
+                                    const at::Tensor& idx, int64_t count,
+                                    const at::Tensor& pooled) {
+  const char* op = "scatter_residual_relu_pool_";
+  check_scatter_args(out, y, idx, count, op);
+  TORCH_CHECK(out.dim() == 4, "dynexec::", op, ": expected a 4-D out [N, C, H, W], but got a ",
+              out.dim(), "-D tensor of shape ", out.sizes());
+  TORCH_CHECK(pooled.device() == out.device(), "dynexec::", op, ": expected pooled on ",
+              out.device(), " (out's device), but got pooled on ", pooled.device());
+  TORCH_CHECK(pooled.scalar_type() == out.scalar_type(), "dynexec::", op,
+              ": expected pooled of dtype ", out.scalar_type(), " (out's dtype), but got ",
+              pooled.scalar_type());
+  TORCH_CHECK(pooled.dim() == 2 && pooled.size(0) == out.size(0) && pooled.size(1) == out.size(1),
+              "dynexec::", op, ": expected pooled of shape [N, C] = [", out.size(0), ", ",
+              out.size(1), "], but got pooled of shape ", pooled.sizes());
+  TORCH_CHECK(pooled.is_contiguous(), "dynexec::", op,
+              ": expected a contiguous pooled, but got pooled with strides ", pooled.strides());
 }
 
 inline void check_downsample_args(const at::Tensor& x, int64_t out_channels) {

@@ -194,5 +194,29 @@ DYNEXEC_HOST_DEVICE inline T downsample_b_value(T tl, T tr, T bl, T br, bool zer
   return zero ? times_zero<T, acc_t>(pooled) : pooled;
 }
 
+// ---------------------------------------------------------------------------
+// scatter_residual_relu_pool_: the scatter plus the per-channel mean of each
+// updated row (pooled[row, c] = mean over (h, w) of the new out[row, c])
+// ---------------------------------------------------------------------------
+
+// Offset of element p (= h * W + w) of channel c inside one dense row of a 4-D
+// tensor: an NCHW row is [C, HW], a channels_last row is [HW, C].
+DYNEXEC_HOST_DEVICE inline int64_t row_plane_offset(int64_t c, int64_t p, int64_t C, int64_t HW,
+                                                    bool channels_last) {
+  return channels_last ? p * C + c : c * HW + p;
+}
+
+// Offset of pooled[row, c] in a contiguous [N, C] tensor.
+DYNEXEC_HOST_DEVICE inline int64_t pooled_offset(int64_t row, int64_t c, int64_t C) {
+  return row * C + c;
+}
+
+// The mean of a plane from its acc_t sum, like torch's CPU mean (sum, then one
+// division by the element count; HW == 0 gives NaN as torch does).
+template <typename T, typename acc_t>
+DYNEXEC_HOST_DEVICE inline T plane_mean(acc_t sum, int64_t hw) {
+  return static_cast<T>(sum / static_cast<acc_t>(hw));
+}
+
 }  // namespace index_math
 }  // namespace dynexec
