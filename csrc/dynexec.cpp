@@ -35,6 +35,11 @@ TORCH_LIBRARY(dynexec, m) {
   m.def(
       "scatter_residual_relu_pool_(Tensor(a!) out, Tensor y, Tensor idx, SymInt count, "
       "Tensor(b!) pooled) -> ()");
+  // One step of SkipNet's recurrent gate (1x1 embedding, LSTM cell, projection, sigmoid).
+  m.def(
+      "recurrent_gate_step(Tensor pooled, Tensor embed_w, Tensor embed_b, Tensor w_ih, "
+      "Tensor w_hh, Tensor b_ih, Tensor b_hh, Tensor proj_w, Tensor proj_b, Tensor hx, "
+      "Tensor cx) -> (Tensor prob, Tensor hx_new, Tensor cx_new)");
   m.def("cuda_version() -> int", &dynexec::cuda_version);
 }
 
