@@ -62,7 +62,9 @@ def _native_build():
     rel = lambda pattern: sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern)))
     sources = ["csrc/dynexec.cpp"] + rel("csrc/cpu/*.cpp")
     # (torch adds -DPy_LIMITED_API itself for py_limited_api extensions)
-    cxx_flags = ["-O3"]
+    # -fno-trapping-math / -fno-math-errno as torch itself is built: no FP-exception or
+    # errno side effects to preserve, so loops with selects and math vectorise (gate_cpu).
+    cxx_flags = ["-O3", "-fno-trapping-math", "-fno-math-errno"]
     link_flags = []
     # at::parallel_for is inline in ATen's headers: compile with the same OpenMP as torch.
     if torch.backends.openmp.is_available() and sys.platform != "darwin":

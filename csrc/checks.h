@@ -86,30 +86,96 @@ inline void check_gather_args(const at::Tensor& x, const at::Tensor& idx, int64_
   check_idx_count("gather_rows", idx, count, x.size(0), x.device());
 }
 
+// Checks of the scatter's arguments; `op` names the op in the messages (the pooling
+// scatter shares them).
 inline void check_scatter_args(const at::Tensor& out, const at::Tensor& y, const at::Tensor& idx,
-                               int64_t count) {
-  TORCH_CHECK(out.dim() >= 1,
-              "dynexec::scatter_residual_relu_: expected out with at least 1 dimension, but got a "
-              "0-D tensor");
-  TORCH_CHECK(y.device() == out.device(), "dynexec::scatter_residual_relu_: expected y on ",
-              out.device(), " (out's device), but got y on ", y.device());
-  TORCH_CHECK(y.scalar_type() == out.scalar_type(),
-              "dynexec::scatter_residual_relu_: expected y of dtype ", out.scalar_type(),
-              " (out's dtype), but got ", y.scalar_type());
-  TORCH_CHECK(at::isFloatingType(out.scalar_type()),
-              "dynexec::scatter_residual_relu_: expected a floating point out/y, but got ",
-              out.scalar_type());
+                               int64_t count, const char* op = "scatter_residual_relu_") {
+  TORCH_CHECK(out.dim() >= 1, "dynexec::", op,
+              ": expected out with at least 1 dimension, but got a 0-D tensor");
+  TORCH_CHECK(y.device() == out.device(), "dynexec::", op, ": expected y on ", out.device(),
+              " (out's device), but got y on ", y.device());
+  TORCH_CHECK(y.scalar_type() == out.scalar_type(), "dynexec::", op, ": expected y of dtype ",
+              out.scalar_type(), " (out's dtype), but got ", y.scalar_type());
+  TORCH_CHECK(at::isFloatingType(out.scalar_type()), "dynexec::", op,
+              ": expected a floating point out/y, but got ", out.scalar_type());
   bool same_row_shape = y.dim() == out.dim();
   for (int64_t i = 1; same_row_shape && i < out.dim(); ++i) {
     same_row_shape = y.size(i) == out.size(i);
   }
-  TORCH_CHECK(same_row_shape,
-              "dynexec::scatter_residual_relu_: expected y of shape [count, *out.shape[1:]] = [",
-              count, ", ", out.sizes().slice(1), "], but got y of shape ", y.sizes(),
-              " for out of shape ", out.sizes());
-  check_idx_count("scatter_residual_relu_", idx, count, out.size(0), out.device());
-  TORCH_CHECK(y.size(0) >= count, "dynexec::scatter_residual_relu_: expected y with at least count=",
-              count, " rows, but got y of shape ", y.sizes());
+  TORCH_CHECK(same_row_shape, "dynexec::", op,
+              ": expected y of shape [count, *out.shape[1:]] = [", count, ", ",
+              out.sizes().slice(1), "], but got y of shape ", y.sizes(), " for out of shape ",
+              out.sizes());
+  check_idx_count(op, idx, count, out.size(0), out.device());
+  TORCH_CHECK(y.size(0) >= count, "dynexec::", op, ": expected y with at least count=", count,
+              " rows, but got y of shape ", y.sizes());
+}
+
+// The scatter's checks plus: out is 4-D and pooled a contiguous [N, C] tensor of out's
+// dtype and device.
+inline void check_scatter_pool_args(const at::Tensor& out, const at::Tensor& y,
+                                    const at::Tensor& idx, int64_t count,
+                                    const at::Tensor& pooled) {
+  const char* op = "scatter_residual_relu_pool_";
+  check_scatter_args(out, y, idx, count, op);
+  TORCH_CHECK(out.dim() == 4, "dynexec::", op, ": expected a 4-D out [N, C, H, W], but got a ",
+              out.dim(), "-D tensor of shape ", out.sizes());
+  TORCH_CHECK(pooled.device() == out.device(), "dynexec::", op, ": expected pooled on ",
+              out.device(), " (out's device), but got pooled on ", pooled.device());
+  TORCH_CHECK(pooled.scalar_type() == out.scalar_type(), "dynexec::", op,
+              ": expected pooled of dtype ", out.scalar_type(), " (out's dtype), but got ",
+              pooled.scalar_type());
+  TORCH_CHECK(pooled.dim() == 2 && pooled.size(0) == out.size(0) && pooled.size(1) == out.size(1),
+              "dynexec::", op, ": expected pooled of shape [N, C] = [", out.size(0), ", ",
+              out.size(1), "], but got pooled of shape ", pooled.sizes());
+  TORCH_CHECK(pooled.is_contiguous(), "dynexec::", op,
+              ": expected a contiguous pooled, but got pooled with strides ", pooled.strides());
+}
+
+// One argument of recurrent_gate_step: pooled's dtype and device, and `shape` (spelled
+// `dims` in the message, e.g. "[4H, E]").
+inline void check_gate_tensor(const char* name, const at::Tensor& t, const at::Tensor& pooled,
+                              const char* dims, at::IntArrayRef shape) {
+  const char* op = "dynexec::recurrent_gate_step: ";
+  TORCH_CHECK(t.scalar_type() == pooled.scalar_type(), op, "expected ", name, " of dtype ",
+              pooled.scalar_type(), " (pooled's dtype), but got ", t.scalar_type());
+  TORCH_CHECK(t.device() == pooled.device(), op, "expected ", name, " on ", pooled.device(),
+              " (pooled's device), but got ", name, " on ", t.device());
+  TORCH_CHECK(t.sizes().equals(shape), op, "expected ", name, " of shape ", dims, " = ", shape,
+              ", but got ", name, " of shape ", t.sizes());
+}
+
+// Checks of recurrent_gate_step's arguments. N and C come from pooled, E from embed_w,
+// H from hx; returns {N, C, E, H}.
+inline std::vector<int64_t> check_gate_args(const at::Tensor& pooled, const at::Tensor& embed_w,
+                                            const at::Tensor& embed_b, const at::Tensor& w_ih,
+                                            const at::Tensor& w_hh, const at::Tensor& b_ih,
+                                            const at::Tensor& b_hh, const at::Tensor& proj_w,
+                                            const at::Tensor& proj_b, const at::Tensor& hx,
+                                            const at::Tensor& cx) {
+  const char* op = "dynexec::recurrent_gate_step: ";
+  TORCH_CHECK(pooled.dim() == 2, op, "expected a 2-D pooled [N, C], but got a ", pooled.dim(),
+              "-D tensor of shape ", pooled.sizes());
+  TORCH_CHECK(at::isFloatingType(pooled.scalar_type()), op,
+              "expected a floating point pooled, but got ", pooled.scalar_type());
+  const int64_t N = pooled.size(0), C = pooled.size(1);
+  TORCH_CHECK(embed_w.dim() == 2 && embed_w.size(0) == C, op,
+              "expected embed_w of shape [C, E] with C=", C, " (pooled.shape[1]), but got embed_w "
+              "of shape ", embed_w.sizes());
+  TORCH_CHECK(hx.dim() == 2 && hx.size(0) == N, op, "expected hx of shape [N, H] with N=", N,
+              " (pooled.shape[0]), but got hx of shape ", hx.sizes());
+  const int64_t E = embed_w.size(1), H = hx.size(1);
+  check_gate_tensor("embed_w", embed_w, pooled, "[C, E]", {C, E});
+  check_gate_tensor("embed_b", embed_b, pooled, "[E]", {E});
+  check_gate_tensor("w_ih", w_ih, pooled, "[4H, E]", {4 * H, E});
+  check_gate_tensor("w_hh", w_hh, pooled, "[4H, H]", {4 * H, H});
+  check_gate_tensor("b_ih", b_ih, pooled, "[4H]", {4 * H});
+  check_gate_tensor("b_hh", b_hh, pooled, "[4H]", {4 * H});
+  check_gate_tensor("proj_w", proj_w, pooled, "[H, 1]", {H, 1});
+  check_gate_tensor("proj_b", proj_b, pooled, "[1]", {1});
+  check_gate_tensor("hx", hx, pooled, "[N, H]", {N, H});
+  check_gate_tensor("cx", cx, pooled, "[N, H]", {N, H});
+  return {N, C, E, H};
 }
 
 inline void check_downsample_args(const at::Tensor& x, int64_t out_channels) {

@@ -1,5 +1,5 @@
-// dynexec._C: operator schemas of the regrouping ops (registered once, here) and the
-// Python module stub that makes the shared library importable as `dynexec._C`.
+// dynexec._C: operator schemas of the regrouping and gate ops (registered once, here) and
+// the Python module stub that makes the shared library importable as `dynexec._C`.
 //
 // Kernels are registered per backend with TORCH_LIBRARY_IMPL in csrc/cpu/*.cpp and
 // csrc/cuda/*.cu; fake (meta) kernels for torch.compile live in dynexec/ops/fake.py.
@@ -30,6 +30,16 @@ TORCH_LIBRARY(dynexec, m) {
   m.def("gather_rows(Tensor x, Tensor idx, SymInt count) -> Tensor");
   m.def("scatter_residual_relu_(Tensor(a!) out, Tensor y, Tensor idx, SymInt count) -> ()");
   m.def("downsample_b(Tensor x, SymInt out_channels) -> Tensor");
+  // The scatter plus pooled[idx[i]] = out[idx[i]].mean((H, W)) in the same pass: the
+  // input of SkipNet's next gate without a separate pooling kernel.
+  m.def(
+      "scatter_residual_relu_pool_(Tensor(a!) out, Tensor y, Tensor idx, SymInt count, "
+      "Tensor(b!) pooled) -> ()");
+  // One step of SkipNet's recurrent gate (1x1 embedding, LSTM cell, projection, sigmoid).
+  m.def(
+      "recurrent_gate_step(Tensor pooled, Tensor embed_w, Tensor embed_b, Tensor w_ih, "
+      "Tensor w_hh, Tensor b_ih, Tensor b_hh, Tensor proj_w, Tensor proj_b, Tensor hx, "
+      "Tensor cx) -> (Tensor prob, Tensor hx_new, Tensor cx_new)");
   m.def("cuda_version() -> int", &dynexec::cuda_version);
 }
 

@@ -16,8 +16,10 @@
 
 #if defined(__CUDACC__) || defined(__HIPCC__)
 #define DYNEXEC_HOST_DEVICE __host__ __device__
+#define DYNEXEC_FORCE_INLINE __forceinline__
 #else
 #define DYNEXEC_HOST_DEVICE
+#define DYNEXEC_FORCE_INLINE inline __attribute__((always_inline))
 #endif
 
 namespace dynexec {
@@ -192,6 +194,55 @@ DYNEXEC_HOST_DEVICE inline T downsample_b_value(T tl, T tr, T bl, T br, bool zer
       static_cast<acc_t>(tl), static_cast<acc_t>(tr), static_cast<acc_t>(bl),
       static_cast<acc_t>(br)));
   return zero ? times_zero<T, acc_t>(pooled) : pooled;
+}
+
+// ---------------------------------------------------------------------------
+// scatter_residual_relu_pool_: the scatter plus the per-channel mean of each
+// updated row (pooled[row, c] = mean over (h, w) of the new out[row, c])
+// ---------------------------------------------------------------------------
+
+// Offset of element p (= h * W + w) of channel c inside one dense row of a 4-D
+// tensor: an NCHW row is [C, HW], a channels_last row is [HW, C].
+DYNEXEC_HOST_DEVICE inline int64_t row_plane_offset(int64_t c, int64_t p, int64_t C, int64_t HW,
+                                                    bool channels_last) {
+  return channels_last ? p * C + c : c * HW + p;
+}
+
+// Offset of pooled[row, c] in a contiguous [N, C] tensor.
+DYNEXEC_HOST_DEVICE inline int64_t pooled_offset(int64_t row, int64_t c, int64_t C) {
+  return row * C + c;
+}
+
+// The mean of a plane from its acc_t sum, like torch's CPU mean (sum, then one
+// division by the element count; HW == 0 gives NaN as torch does).
+template <typename T, typename acc_t>
+DYNEXEC_HOST_DEVICE inline T plane_mean(acc_t sum, int64_t hw) {
+  return static_cast<T>(sum / static_cast<acc_t>(hw));
+}
+
+// ---------------------------------------------------------------------------
+// recurrent_gate_step: SkipNet's LSTM gate cell in the accumulate type
+// ---------------------------------------------------------------------------
+
+// torch.lstm_cell's order of the four gates in a [4H] pre-activation vector.
+enum LstmGate : int { kGateI = 0, kGateF = 1, kGateG = 2, kGateO = 3 };
+
+// Index of gate `gate` of hidden unit h in a [4H] gate vector.
+DYNEXEC_HOST_DEVICE inline int64_t gate_index(LstmGate gate, int64_t h, int64_t H) {
+  return static_cast<int64_t>(gate) * H + h;
+}
+
+// The LSTM cell update from the activated gates i = sigmoid(.), f = sigmoid(.),
+// g = tanh(.), o = sigmoid(.):  c' = f * c + i * g  and  h' = o * tanh(c').
+// (Always inlined: the CPU kernel calls them on vector types inside per-target clones,
+// where an out-of-line copy would have the wrong vector ABI for one of them.)
+template <typename acc_t>
+DYNEXEC_HOST_DEVICE DYNEXEC_FORCE_INLINE acc_t lstm_cell_state(acc_t i, acc_t f, acc_t g, acc_t c) {
+  return f * c + i * g;
+}
+template <typename acc_t>
+DYNEXEC_HOST_DEVICE DYNEXEC_FORCE_INLINE acc_t lstm_hidden_state(acc_t o, acc_t tanh_c) {
+  return o * tanh_c;
 }
 
 }  // namespace index_math

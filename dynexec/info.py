@@ -11,7 +11,10 @@ from . import __version__
 from .graph_engine import graph_backend_status
 from .ops import BACKENDS, backend_status, get_backend
 
-OPS = ("partition", "gather_rows", "scatter_residual_relu_", "downsample_b")
+OPS = ("partition", "gather_rows", "scatter_residual_relu_", "downsample_b",
+       "scatter_residual_relu_pool_", "recurrent_gate_step")
+# ops the triton backend runs as the torch reference (see dynexec.ops)
+TRITON_REFERENCE_OPS = ("recurrent_gate_step",)
 
 
 def _op_rows(backend: str, ok: bool) -> list[tuple[str, str]]:
@@ -20,7 +23,8 @@ def _op_rows(backend: str, ok: bool) -> list[tuple[str, str]]:
     if backend == "native":
         return [(op, "yes" if hasattr(torch.ops.dynexec, op) else "missing") for op in OPS]
     if backend == "triton":
-        return [(op, "yes" if hasattr(torch.ops.dynexec, f"triton_{op}") else "missing")
+        return [(op, "reference" if op in TRITON_REFERENCE_OPS
+                 else "yes" if hasattr(torch.ops.dynexec, f"triton_{op}") else "missing")
                 for op in OPS]
     return [(op, "yes") for op in OPS]
 

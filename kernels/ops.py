@@ -7,11 +7,13 @@ library FRAGMENT, so both coexist):
 * ``torch.ops.dynexec.triton_partition(mask) -> (idx, count)``
 * ``torch.ops.dynexec.triton_gather_rows(x, idx, count) -> y``
 * ``torch.ops.dynexec.triton_scatter_residual_relu_(out, y, idx, count) -> ()``  (mutates ``out``)
+* ``torch.ops.dynexec.triton_scatter_residual_relu_pool_(out, y, idx, count, pooled) -> ()``
+  (mutates ``out`` and ``pooled``)
 * ``torch.ops.dynexec.triton_downsample_b(x, out_channels) -> z``
 
-The plain functions :func:`partition`, :func:`gather_rows`, :func:`scatter_residual_relu_`
-and :func:`downsample_b` have the reference signatures (``dynexec.ops.reference``) and call
-these ops. :func:`is_available` reports whether they can run here.
+The plain functions :func:`partition`, :func:`gather_rows`, :func:`scatter_residual_relu_`,
+:func:`scatter_residual_relu_pool_` and :func:`downsample_b` have the reference signatures
+(``dynexec.ops.reference``) and call these ops. :func:`is_available` reports whether they can run here.
 
 Registration details (torch 2.13, triton 3.9):
 
@@ -41,6 +43,7 @@ __all__ = [
     "partition",
     "gather_rows",
     "scatter_residual_relu_",
+    "scatter_residual_relu_pool_",
     "downsample_b",
     "is_available",
 ]
@@ -90,6 +93,11 @@ if _rg is not None:
     def _triton_scatter_residual_relu_(out: torch.Tensor, y: torch.Tensor, idx: torch.Tensor, count: int) -> None:
         _rg.scatter_residual_relu_(out, y, idx, count)
 
+    @triton_op("dynexec::triton_scatter_residual_relu_pool_", mutates_args=("out", "pooled"))
+    def _triton_scatter_residual_relu_pool_(out: torch.Tensor, y: torch.Tensor, idx: torch.Tensor,
+                                            count: int, pooled: torch.Tensor) -> None:
+        _rg.scatter_residual_relu_pool_(out, y, idx, count, pooled)
+
     @triton_op("dynexec::triton_downsample_b", mutates_args=())
     def _triton_downsample_b(x: torch.Tensor, out_channels: int) -> torch.Tensor:
         return _rg.downsample_b(x, out_channels)
@@ -121,6 +129,11 @@ if _rg is not None:
         _same_device("scatter_residual_relu_", out, y, idx)
         return None
 
+    @_triton_scatter_residual_relu_pool_.register_fake
+    def _(out, y, idx, count, pooled):
+        _same_device("scatter_residual_relu_pool_", out, y, idx, pooled)
+        return None
+
     @_triton_downsample_b.register_fake
     def _(x, out_channels):
         n, c, h, w = x.shape
@@ -143,7 +156,7 @@ if _rg is not None:
         return rule
 
     for _op in (_triton_partition, _triton_gather_rows, _triton_scatter_residual_relu_,
-                _triton_downsample_b):
+                _triton_scatter_residual_relu_pool_, _triton_downsample_b):
         _op.register_torch_dispatch(FunctionalTensorMode, _make_functional_rule(_op))
 
 
@@ -167,6 +180,12 @@ def gather_rows(x: torch.Tensor, idx: torch.Tensor, count: int) -> torch.Tensor:
 def scatter_residual_relu_(out: torch.Tensor, y: torch.Tensor, idx: torch.Tensor, count: int) -> None:
     """``out[idx[i]] = relu(y[i] + out[idx[i]])`` for ``i < count``, in place."""
     _ops().triton_scatter_residual_relu_(out, y, idx, count)
+
+
+def scatter_residual_relu_pool_(out: torch.Tensor, y: torch.Tensor, idx: torch.Tensor, count: int,
+                                pooled: torch.Tensor) -> None:
+    """``scatter_residual_relu_`` plus ``pooled[idx[i]] = out[idx[i]].mean((H, W))``, in place."""
+    _ops().triton_scatter_residual_relu_pool_(out, y, idx, count, pooled)
 
 
 def downsample_b(x: torch.Tensor, out_channels: int) -> torch.Tensor:

@@ -6,6 +6,7 @@ reproduces them with Triton kernels:
 * :func:`partition`              stable compaction of a boolean routing mask
 * :func:`gather_rows`            ``y[i] = x[idx[i]]`` for ``i < count``
 * :func:`scatter_residual_relu_` ``out[idx[i]] = relu(y[i] + out[idx[i]])`` in place
+* :func:`scatter_residual_relu_pool_` the same, plus ``pooled[idx[i]] = out[idx[i]].mean((H, W))``
 * :func:`downsample_b`           2x2 avg pool + zero channels (BlockDrop shortcut B)
 
 Running on CPU tensors (tests, no GPU)
@@ -25,8 +26,9 @@ channels_last layout, so one "row" (sample) is one contiguous run of ``numel // 
 elements. gather/scatter therefore copy rows as flat vectors. Non-contiguous inputs to
 ``gather_rows`` are first made row-contiguous (``x.contiguous(memory_format=...)``,
 a copy); ``scatter_residual_relu_`` refuses a non-row-contiguous ``out`` (it must write
-in place) and converts ``y`` to ``out``'s layout if needed. ``downsample_b`` reads its
-input through strides, so it never copies.
+in place) and converts ``y`` to ``out``'s layout if needed. ``downsample_b`` and
+``scatter_residual_relu_pool_`` read (and write) their 4-D tensors through strides, so
+they accept any layout and never copy.
 
 Interpreter reload
 ------------------
@@ -62,6 +64,7 @@ __all__ = [
     "partition",
     "gather_rows",
     "scatter_residual_relu_",
+    "scatter_residual_relu_pool_",
     "downsample_b",
     "SUPPORTED_DTYPES",
     "kernels_interpreted",
@@ -237,6 +240,74 @@ def _scatter_residual_relu_kernel(
             # relu that keeps NaN (like torch.relu): NaN < 0 is False -> NaN kept
             r = tl.where(s < 0, 0.0, s)
             tl.store(out_ptr + dst_base + cols, _cast_to(r, out_ptr.dtype.element_ty, SOFT_BF16), mask=cmask)
+
+
+@triton.jit
+def _scatter_residual_relu_pool_kernel(
+    out_ptr,
+    y_ptr,
+    idx_ptr,
+    pooled_ptr,
+    N,
+    C,
+    W,
+    HW,
+    count,
+    soc,
+    soh,
+    sow,
+    son,
+    syc,
+    syh,
+    syw,
+    syn,
+    BLOCK_C: tl.constexpr,
+    BLOCK_HW: tl.constexpr,
+    FLAT_HW: tl.constexpr,
+    ACC_DTYPE: tl.constexpr,
+    UPCAST: tl.constexpr,
+    SOFT_BF16: tl.constexpr,
+):
+    """out[idx[i]] = relu(y[i] + out[idx[i]]) and pooled[idx[i], c] = the mean over (h, w)
+    of the new out[idx[i], c]. grid = (count, channel blocks): a program owns BLOCK_C
+    channels of one row and sums them over all of H*W itself, so no sum is split between
+    programs. out and y are addressed through their strides; FLAT_HW: (h, w) collapse to
+    one stride (soh = W * sow, likewise for y), so the plane is p * sow (contiguity along
+    the plane or the channels is then visible to the compiler)."""
+    i = tl.program_id(0)
+    if i < count:
+        dst = tl.load(idx_ptr + i)  # int64
+        valid = (dst >= 0) & (dst < N)
+        c_limit = tl.where(valid, C, 0)  # invalid index: touch nothing
+        c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+        c_ok = c < c_limit
+        c64 = c.to(tl.int64)
+        o_row = out_ptr + dst * son
+        y_row = y_ptr + i.to(tl.int64) * syn
+        acc = tl.full([BLOCK_C, BLOCK_HW], 0, ACC_DTYPE)
+        for start in range(0, HW, BLOCK_HW):
+            p = start + tl.arange(0, BLOCK_HW)
+            m = c_ok[:, None] & (p < HW)[None, :]
+            if FLAT_HW:
+                o_off = c64[:, None] * soc + (p.to(tl.int64) * sow)[None, :]
+                y_off = c64[:, None] * syc + (p.to(tl.int64) * syw)[None, :]
+            else:
+                h = (p // W).to(tl.int64)
+                w = (p % W).to(tl.int64)
+                o_off = c64[:, None] * soc + (h * soh + w * sow)[None, :]
+                y_off = c64[:, None] * syc + (h * syh + w * syw)[None, :]
+            o = tl.load(o_row + o_off, mask=m, other=0)
+            y = tl.load(y_row + y_off, mask=m, other=0)
+            if UPCAST:  # fp16/bf16: add in fp32 then round once (as the scatter)
+                s = o.to(tl.float32) + y.to(tl.float32)
+            else:
+                s = o + y
+            v = _cast_to(tl.where(s < 0, 0.0, s), out_ptr.dtype.element_ty, SOFT_BF16)
+            tl.store(o_row + o_off, v, mask=m)
+            acc += v.to(ACC_DTYPE)  # the stored (rounded) value, as out.mean() sees it
+        mean = tl.reduce(acc, 1, _SUM_COMBINE) / HW
+        tl.store(pooled_ptr + dst * C + c64, _cast_to(mean, pooled_ptr.dtype.element_ty, SOFT_BF16),
+                 mask=c_ok)
 
 
 @triton.jit
@@ -540,6 +611,69 @@ def scatter_residual_relu_(out: torch.Tensor, y: torch.Tensor, idx: torch.Tensor
         out, yc, rows, n, row, count,
         BLOCK=block, UPCAST=out.dtype in (torch.float16, torch.bfloat16),
         SOFT_BF16=_soft_bf16(out.dtype), num_warps=num_warps,
+    )
+    return None
+
+
+def scatter_residual_relu_pool_(out: torch.Tensor, y: torch.Tensor, idx: torch.Tensor, count: int,
+                                pooled: torch.Tensor) -> None:
+    """scatter_residual_relu_(out, y, idx, count) and pooled[idx[i], c] = the mean over
+    (h, w) of the new out[idx[i], c], in one pass (means accumulated in fp32, fp64 for
+    fp64). out is 4-D with any strides (updated in place through them); pooled is a
+    contiguous [N, C] tensor of out's dtype; its other rows are left untouched."""
+    name = "scatter_residual_relu_pool_"
+    if not all(isinstance(t, torch.Tensor) for t in (out, y, idx, pooled)):
+        raise ValueError(f"{name}: out, y, idx and pooled must be torch.Tensors")
+    _check_launchable(name, out, y, idx, pooled)
+    _check_dtype(name, "out", out)
+    if y.dtype != out.dtype:
+        raise ValueError(f"{name}: y must have the same dtype as out ({out.dtype}), got {y.dtype}")
+    if out.dim() != 4:
+        raise ValueError(f"{name}: out must be 4-D [N, C, H, W], got shape {tuple(out.shape)}")
+    if y.dim() != 4 or tuple(y.shape[1:]) != tuple(out.shape[1:]):
+        raise ValueError(
+            f"{name}: y must have shape [>=count, {', '.join(map(str, out.shape[1:]))}] "
+            f"(matching out), got {tuple(y.shape)}"
+        )
+    if pooled.dtype != out.dtype:
+        raise ValueError(f"{name}: pooled must have the same dtype as out ({out.dtype}), got {pooled.dtype}")
+    if tuple(pooled.shape) != tuple(out.shape[:2]):
+        raise ValueError(f"{name}: pooled must have shape [N, C] = {list(out.shape[:2])}, got "
+                         f"{list(pooled.shape)}")
+    if not pooled.is_contiguous():
+        raise ValueError(f"{name}: pooled must be contiguous, got strides {pooled.stride()}")
+    _check_idx(name, idx)
+    n, c, h, w = out.shape
+    count = _check_count(name, count, idx, upper=y.shape[0], upper_what="y.shape[0]")
+    if count > n:
+        raise ValueError(f"{name}: count must be <= out.shape[0] = {n} (indices are distinct), got {count}")
+    rows = idx[:count]
+    _check_idx_values(name, rows, n, distinct=True)
+    if count == 0 or c == 0:
+        return None
+    if count > _MAX_GRID_X:
+        raise ValueError(f"{name}: count must be <= {_MAX_GRID_X}, got {count}")
+    hw = h * w
+
+    def plane_stride(t):  # the one stride of the (h, w) plane, or None if it has none
+        if h == 1 or w == 1:
+            return t.stride(3) if h == 1 else t.stride(2)
+        return t.stride(3) if t.stride(2) == w * t.stride(3) else None
+
+    flat = plane_stride(out) is not None and plane_stride(y) is not None
+    so = (out.stride(1), out.stride(2), plane_stride(out) if flat else out.stride(3), out.stride(0))
+    sy = (y.stride(1), y.stride(2), plane_stride(y) if flat else y.stride(3), y.stride(0))
+    block_hw = min(256, max(16, _next_pow2(hw)))
+    block_c = min(max(16, _next_pow2(c)), max(16, 4096 // block_hw))
+    grid = (count, min(triton.cdiv(c, block_c), _MAX_GRID_Y))
+    if grid[1] * block_c < c:
+        raise ValueError(f"{name}: C = {c} is too large for one launch")
+    _wrap_triton(_scatter_residual_relu_pool_kernel)[grid](
+        out, y, rows.contiguous(), pooled, n, c, w, hw, count, *so, *sy,
+        BLOCK_C=block_c, BLOCK_HW=block_hw, FLAT_HW=flat,
+        ACC_DTYPE=tl.float64 if out.dtype == torch.float64 else tl.float32,
+        UPCAST=out.dtype in (torch.float16, torch.bfloat16), SOFT_BF16=_soft_bf16(out.dtype),
+        num_warps=4,
     )
     return None
 

@@ -18,7 +18,8 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="${DYNEXEC_CUDA_VENV:-$HOME/.cache/dynexec/cuda-venv}"
 TORCH_SPEC="${DYNEXEC_CUDA_TORCH:-torch==2.14.1}"
 ARCHS=(80 90)
-KERNELS=(partition_kernel gather_kernel scatter_residual_relu_kernel downsample_b_kernel)
+KERNELS=(partition_kernel gather_kernel scatter_residual_relu_kernel downsample_b_kernel
+         scatter_residual_relu_pool_kernel recurrent_gate_step_kernel)
 
 log() { echo "[check_cuda_build] $*"; }
 fail() {
@@ -112,10 +113,12 @@ v = int(torch.ops.dynexec.cuda_version())
 want = tuple(int(p) for p in sys.argv[1].split(".")[:2])
 print(f"[check_cuda_build] torch.ops.dynexec.cuda_version() = {v}; torch.version.cuda = {sys.argv[1]}")
 assert (v // 1000, (v % 1000) // 10) == want, "CUDA version mismatch"
-for op in ("partition", "gather_rows", "scatter_residual_relu_", "downsample_b"):
+OPS = ("partition", "gather_rows", "scatter_residual_relu_", "downsample_b",
+       "scatter_residual_relu_pool_", "recurrent_gate_step")
+for op in OPS:
     for key in ("CPU", "CUDA"):
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"dynexec::{op}", key), (op, key)
-print("[check_cuda_build] CPU and CUDA kernels registered for all 4 ops")
+print(f"[check_cuda_build] CPU and CUDA kernels registered for all {len(OPS)} ops")
 # The CPU kernels of the CUDA build still work:
 idx, count = torch.ops.dynexec.partition(torch.tensor([True, False, True]))
 assert idx.tolist() == [0, 2, 1] and int(count) == 2

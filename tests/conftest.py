@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import copy
 import functools
+import importlib.util
 import os
+import sys
+from pathlib import Path
 
 import torch  # noqa: E402  (importing torch does not import any Triton kernel)
 
@@ -19,6 +22,28 @@ import torch
 
 import dynexec
 from dynexec.calibrate import calibrate, randomize_batchnorm
+
+
+def _use_this_checkouts_kernels() -> None:
+    """dynexec.kernels is installed from the top-level kernels/ folder (setup.py's
+    package_dir), so with PYTHONPATH=<checkout> Python finds dynexec here but
+    dynexec.kernels wherever dynexec is installed (e.g. an editable install of another
+    checkout). Tests of this checkout must use its own Triton kernels."""
+    root = Path(__file__).resolve().parents[1]
+    kernels = root / "kernels"
+    if Path(dynexec.__file__).resolve().parent != root / "dynexec" or "dynexec.kernels" in sys.modules:
+        return
+    if not (kernels / "__init__.py").is_file():
+        return
+    spec = importlib.util.spec_from_file_location(
+        "dynexec.kernels", kernels / "__init__.py", submodule_search_locations=[str(kernels)])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["dynexec.kernels"] = module
+    spec.loader.exec_module(module)
+    dynexec.kernels = module
+
+
+_use_this_checkouts_kernels()
 
 # One intra-op thread by default: with OpenMP, two threads on a 2-core machine that is
 # busy with anything else slow tiny convolutions down by an order of magnitude. The

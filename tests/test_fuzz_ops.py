@@ -55,6 +55,10 @@ def _x():
 
 
 OUT_OF_RANGE = r"out of range|\[0, 5\)"
+def _pool_args(out, y_shape, idx, pooled):
+    return out, torch.randn(y_shape), torch.tensor(idx), len(idx), pooled
+
+
 CASES = {
     # name: (op, args builder, regex the message must match)
     "gather_idx_too_large": ("gather_rows", lambda: (_x(), torch.tensor([0, 5, 1]), 3), OUT_OF_RANGE),
@@ -97,6 +101,19 @@ CASES = {
     "scatter_int_out": ("scatter_residual_relu_",
                         lambda: (torch.zeros(5, 2, dtype=torch.int64), torch.zeros(2, 2, dtype=torch.int64),
                                  torch.tensor([0, 1]), 2), r"floating|dtype"),
+    "pool_pooled_shape": ("scatter_residual_relu_pool_",
+                          lambda: _pool_args(_x(), (2, 3, 2, 2), [0, 1], torch.zeros(5, 2)), r"pooled.*shape"),
+    "pool_pooled_dtype": ("scatter_residual_relu_pool_",
+                          lambda: _pool_args(_x(), (2, 3, 2, 2), [0, 1], torch.zeros(5, 3, dtype=torch.float64)),
+                          r"pooled.*dtype"),
+    "pool_pooled_strided": ("scatter_residual_relu_pool_",
+                            lambda: _pool_args(_x(), (2, 3, 2, 2), [0, 1], torch.zeros(3, 5).t()), r"contiguous"),
+    "pool_out_2d": ("scatter_residual_relu_pool_",
+                    lambda: _pool_args(torch.randn(5, 3), (2, 3), [0, 1], torch.zeros(5, 3)), r"4-D"),
+    "pool_duplicate": ("scatter_residual_relu_pool_",
+                       lambda: _pool_args(_x(), (3, 3, 2, 2), [0, 2, 2], torch.zeros(5, 3)), r"duplicate|distinct"),
+    "pool_idx_too_large": ("scatter_residual_relu_pool_",
+                           lambda: _pool_args(_x(), (2, 3, 2, 2), [0, 5], torch.zeros(5, 3)), OUT_OF_RANGE),
     "downsample_not_multiple": ("downsample_b", lambda: (torch.randn(2, 4, 8, 8), 6), r"multiple"),
     "downsample_zero_channels": ("downsample_b", lambda: (torch.randn(2, 4, 8, 8), 0), r"multiple"),
     "downsample_negative": ("downsample_b", lambda: (torch.randn(2, 4, 8, 8), -4), r"multiple"),
@@ -122,11 +139,12 @@ def test_bad_arguments_raise_clear_errors(backend, case):
     op_name, build, pattern = CASES[case]
     op = getattr(ops, op_name)
     args = build()
-    before = args[0].clone() if op_name == "scatter_residual_relu_" else None
+    mutated = [a for a in args if isinstance(a, torch.Tensor) and a.is_floating_point()]
+    before = [a.clone() for a in mutated] if op_name.startswith("scatter") else []
     with pytest.raises(ERRORS, match=pattern):
         op(*args)
-    if before is not None:  # a rejected scatter leaves out untouched
-        assert torch.equal(args[0], before)
+    for a, b in zip(mutated, before):  # a rejected scatter leaves out (and pooled) untouched
+        assert torch.equal(a, b)
 
 
 def test_partition_rejects_non_tensor():
@@ -196,6 +214,33 @@ def _fuzz_scatter(backend, case, y_extra):
     _same(got, expected)
 
 
+@st.composite
+def pool_case(draw, max_n=6):
+    """index_case with a 4-D out (NCHW or channels_last) for scatter_residual_relu_pool_."""
+    n, _, dtype, idx, count, seed = draw(index_case(max_n))
+    chw = draw(st.sampled_from([(3, 2, 2), (1, 1, 1), (2, 1, 3), (4, 3, 1)]))
+    return n, chw, draw(st.booleans()), dtype, idx, count, seed
+
+
+def _fuzz_scatter_pool(backend, case, y_extra):
+    n, chw, channels_last, dtype, idx, count, seed = case
+    gen = torch.Generator().manual_seed(seed)
+    out = torch.randn((n, *chw), generator=gen).to(dtype)
+    if channels_last:
+        out = out.contiguous(memory_format=torch.channels_last)
+    y = torch.randn((max(count, 0) + y_extra, *chw), generator=gen).to(dtype)
+    pooled = torch.full((n, chw[0]), -7.0, dtype=dtype)
+    expected, got = (out.clone(), pooled.clone()), (out.clone(), pooled.clone())
+    ok_ref, r = _outcome(lambda: ref.scatter_residual_relu_pool_(expected[0], y, idx, count, expected[1]))
+    ok, e = _outcome(lambda: IMPLS[backend].scatter_residual_relu_pool_(got[0], y, idx, count, got[1]))
+    assert ok == ok_ref, f"{backend}: {'raised ' + repr(e) if not ok else 'no error'}; reference: {r!r}"
+    if not ok:
+        assert torch.equal(got[0], out) and torch.equal(got[1], pooled), "rejected, yet modified"
+    _same(got[0], expected[0])
+    tol = 1e-5 if dtype in (torch.float32, torch.float64) else 1e-2
+    torch.testing.assert_close(got[1], expected[1], rtol=tol, atol=tol, equal_nan=True)
+
+
 def _fuzz_downsample(backend, n, c, h, w, out_channels, seed):
     x = torch.randn((n, c, h, w), generator=torch.Generator().manual_seed(seed))
     ok_ref, r = _outcome(lambda: ref.downsample_b(x, out_channels))
@@ -230,6 +275,13 @@ def test_fuzz_scatter_native(case, y_extra):
 
 
 @pytest.mark.skipif(IMPLS["native"] is None, reason="native extension not available")
+@_settings(300)
+@given(pool_case(), st.integers(0, 2))
+def test_fuzz_scatter_pool_native(case, y_extra):
+    _fuzz_scatter_pool("native", case, y_extra)
+
+
+@pytest.mark.skipif(IMPLS["native"] is None, reason="native extension not available")
 @_settings(400)
 @given(**_downsample_args)
 def test_fuzz_downsample_native(n, c, h, w, out_channels, seed):
@@ -259,6 +311,13 @@ def test_fuzz_gather_triton(case):
 @given(index_case(max_n=5), st.integers(0, 2))
 def test_fuzz_scatter_triton(case, y_extra):
     _fuzz_scatter("triton", case, y_extra)
+
+
+@pytest.mark.skipif(IMPLS["triton"] is None, reason="Triton (interpreter) not available")
+@_settings(80)
+@given(pool_case(max_n=5), st.integers(0, 2))
+def test_fuzz_scatter_pool_triton(case, y_extra):
+    _fuzz_scatter_pool("triton", case, y_extra)
 
 
 @pytest.mark.skipif(IMPLS["triton"] is None, reason="Triton (interpreter) not available")

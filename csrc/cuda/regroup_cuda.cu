@@ -1,4 +1,5 @@
-// CUDA kernels of partition, gather_rows and scatter_residual_relu_.
+// CUDA kernels of partition, gather_rows, scatter_residual_relu_ and
+// scatter_residual_relu_pool_.
 //
 // * All kernels run on the current stream with grid-stride loops.
 // * gather / scatter move rows in 16-byte vectors when the row length, the batch
@@ -9,8 +10,12 @@
 //   assertion (CUDA_KERNEL_ASSERT, like ATen's index kernels) and is never dereferenced.
 //   Duplicate indices in scatter_residual_relu_ are rejected on CPU only; on CUDA they
 //   are undefined behaviour (a data race), as documented in the contract.
+// * scatter_residual_relu_pool_ runs one block per row: the block updates the row and
+//   reduces each channel's new values (a warp per channel plane for NCHW rows; for
+//   channels_last rows, threads on adjacent channels plus a shared-memory reduction).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -223,6 +228,129 @@ void scatter_residual_relu_cuda(const at::Tensor& out_, const at::Tensor& y_, co
   out.index_copy_(0, idx, rows);
 }
 
+// ------------------------------------------------------------------------ scatter + pool
+// Block r (grid-stride over rows): out row o_row = (out_rows ? out_rows[r] : r) becomes
+// relu(y[r] + out[o_row]) and pooled[pool_rows[r], c] the mean of its channel c. Rows of
+// out and y are dense with the same in-row layout (kChannelsLast: [HW, C], else [C, HW]).
+template <typename T, bool kChannelsLast>
+__global__ void scatter_residual_relu_pool_kernel(T* __restrict__ out, const T* __restrict__ y,
+                                                  const int64_t* __restrict__ out_rows,
+                                                  const int64_t* __restrict__ pool_rows,
+                                                  int64_t count, int64_t C, int64_t HW,
+                                                  int64_t out_bstride, int64_t y_bstride,
+                                                  int64_t out_n, int64_t pooled_n,
+                                                  T* __restrict__ pooled) {
+  using acc_t = at::opmath_type<T>;
+  extern __shared__ unsigned char smem[];
+  acc_t* part = reinterpret_cast<acc_t*>(smem);  // [blockDim.x] (channels_last only)
+  const int t = threadIdx.x;
+  for (int64_t r = blockIdx.x; r < count; r += gridDim.x) {
+    const int64_t prow = pool_rows[r];
+    const int64_t orow = out_rows ? out_rows[r] : r;
+    CUDA_KERNEL_ASSERT(im::index_in_range(prow, pooled_n) && im::index_in_range(orow, out_n) &&
+                       "dynexec::scatter_residual_relu_pool_: idx out of range");
+    if (!im::index_in_range(prow, pooled_n) || !im::index_in_range(orow, out_n)) continue;
+    T* o = out + im::row_element_offset(orow, out_bstride, 0);
+    const T* s = y + im::row_element_offset(r, y_bstride, 0);
+    if (kChannelsLast) {
+      // A pass covers `cpt` adjacent channels (coalesced) and `slices` positions at once;
+      // each thread sums its slice, then the slices are added in shared memory.
+      const int cpt = static_cast<int>(C < blockDim.x ? C : blockDim.x);
+      const int slices = blockDim.x / cpt;
+      const int slice = t / cpt;
+      for (int64_t c0 = 0; c0 < C; c0 += cpt) {
+        const int64_t c = c0 + t % cpt;
+        acc_t acc = acc_t(0);
+        if (slice < slices && c < C) {
+          for (int64_t p = slice; p < HW; p += slices) {
+            const int64_t off = im::row_plane_offset(c, p, C, HW, true);
+            const T v = im::relu_add<T>(o[off], s[off]);
+            o[off] = v;
+            acc += static_cast<acc_t>(v);
+          }
+        }
+        part[t] = acc;
+        __syncthreads();
+        if (t < cpt && c < C) {
+          acc_t sum = acc_t(0);
+          for (int k = 0; k < slices; ++k) sum += part[k * cpt + t];
+          pooled[im::pooled_offset(prow, c, C)] = im::plane_mean<T, acc_t>(sum, HW);
+        }
+        __syncthreads();
+      }
+    } else {
+      // One warp per channel plane: lanes stride over the plane, then a shuffle sum.
+      const int warp = t / C10_WARP_SIZE, lane = t % C10_WARP_SIZE;
+      const int warps = blockDim.x / C10_WARP_SIZE;
+      for (int64_t c = warp; c < C; c += warps) {
+        acc_t acc = acc_t(0);
+        for (int64_t p = lane; p < HW; p += C10_WARP_SIZE) {
+          const int64_t off = im::row_plane_offset(c, p, C, HW, false);
+          const T v = im::relu_add<T>(o[off], s[off]);
+          o[off] = v;
+          acc += static_cast<acc_t>(v);
+        }
+        for (int d = C10_WARP_SIZE / 2; d > 0; d /= 2) acc += __shfl_down_sync(0xffffffffu, acc, d);
+        if (lane == 0) pooled[im::pooled_offset(prow, c, C)] = im::plane_mean<T, acc_t>(acc, HW);
+      }
+    }
+  }
+}
+
+void fused_scatter_pool_rows_cuda(at::Tensor& out, const at::Tensor& y, const int64_t* out_rows,
+                                  const int64_t* pool_rows, int64_t count, bool channels_last,
+                                  at::Tensor& pooled) {
+  const int64_t C = out.size(1), HW = out.size(2) * out.size(3);
+  const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  const int64_t blocks = std::max<int64_t>(1, std::min<int64_t>(count, sms * 16));
+  auto stream = at::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, out.scalar_type(), "dynexec_scatter_residual_relu_pool_cuda", [&] {
+        using acc_t = at::opmath_type<scalar_t>;
+        if (channels_last) {
+          scatter_residual_relu_pool_kernel<scalar_t, true>
+              <<<blocks, kThreads, kThreads * sizeof(acc_t), stream>>>(
+                  out.data_ptr<scalar_t>(), y.const_data_ptr<scalar_t>(), out_rows, pool_rows,
+                  count, C, HW, out.stride(0), y.stride(0), out.size(0), pooled.size(0),
+                  pooled.data_ptr<scalar_t>());
+        } else {
+          scatter_residual_relu_pool_kernel<scalar_t, false><<<blocks, kThreads, 0, stream>>>(
+              out.data_ptr<scalar_t>(), y.const_data_ptr<scalar_t>(), out_rows, pool_rows, count,
+              C, HW, out.stride(0), y.stride(0), out.size(0), pooled.size(0),
+              pooled.data_ptr<scalar_t>());
+        }
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
+}
+
+void scatter_residual_relu_pool_cuda(const at::Tensor& out_, const at::Tensor& y_,
+                                     const at::Tensor& idx_, int64_t count,
+                                     const at::Tensor& pooled_) {
+  at::Tensor out = out_;
+  at::Tensor pooled = pooled_;
+  check_scatter_pool_args(out, y_, idx_, count, pooled);
+  c10::cuda::CUDAGuard guard(out.device());
+  // (H * W == 0 still writes pooled: the mean of nothing is NaN, as in torch)
+  if (count == 0 || out.size(1) == 0) return;
+  const at::Tensor idx = idx_.narrow(0, 0, count).contiguous();
+  const int64_t* ip = idx.const_data_ptr<int64_t>();
+  at::MemoryFormat fmt;
+  const bool dense = find_dense_row_format(out, fmt);
+  at::Tensor y = y_.narrow(0, 0, count);
+  if (dense) {
+    if (!rows_dense(y, fmt)) y = y.contiguous(fmt);
+    fused_scatter_pool_rows_cuda(out, y, ip, ip, count, fmt == at::MemoryFormat::ChannelsLast,
+                                 pooled);
+    return;
+  }
+  // out's rows are not dense: fuse on a dense copy of the selected rows, then write them
+  // back into out itself (pooled rows still go to idx).
+  at::Tensor rows = out.index_select(0, idx).contiguous();
+  y = y.contiguous();
+  fused_scatter_pool_rows_cuda(rows, y, nullptr, ip, count, false, pooled);
+  out.index_copy_(0, idx, rows);
+}
+
 }  // namespace
 }  // namespace dynexec
 
@@ -230,4 +358,5 @@ TORCH_LIBRARY_IMPL(dynexec, CUDA, m) {
   m.impl("partition", &dynexec::partition_cuda);
   m.impl("gather_rows", &dynexec::gather_rows_cuda);
   m.impl("scatter_residual_relu_", &dynexec::scatter_residual_relu_cuda);
+  m.impl("scatter_residual_relu_pool_", &dynexec::scatter_residual_relu_pool_cuda);
 }

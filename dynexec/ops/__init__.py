@@ -1,4 +1,5 @@
-"""The op layer: partition / gather_rows / scatter_residual_relu_ / downsample_b.
+"""The op layer: partition / gather_rows / scatter_residual_relu_ / downsample_b, and
+for SkipNet's recurrent gate scatter_residual_relu_pool_ / recurrent_gate_step.
 
 Three backends implement the same contract (see ``dynexec.ops.reference``):
 
@@ -6,6 +7,11 @@ Three backends implement the same contract (see ``dynexec.ops.reference``):
 - ``triton``: Triton kernels (``dynexec.kernels``); on CUDA, or on CPU tensors only under
   the Triton interpreter (``TRITON_INTERPRET=1``, for tests);
 - ``torch``: the pure-PyTorch reference; runs anywhere.
+
+The triton backend's ``recurrent_gate_step`` is the reference composite (addmm, lstm_cell,
+addmm, sigmoid): the step is a few tiny products on [N, ~10] tensors, bound by kernel
+launches rather than arithmetic, so a Triton kernel of its own would save a few launches at
+most; the native op is the fused one.
 
 ``get_backend("auto", device)`` picks native on CPU and triton -> native -> torch on CUDA.
 """
@@ -29,11 +35,14 @@ class Backend:
     gather_rows: Callable
     scatter_residual_relu_: Callable
     downsample_b: Callable
+    scatter_residual_relu_pool_: Callable
+    recurrent_gate_step: Callable
 
 
 def _torch_backend() -> Backend:
     return Backend("torch", reference.partition, reference.gather_rows,
-                   reference.scatter_residual_relu_, reference.downsample_b)
+                   reference.scatter_residual_relu_, reference.downsample_b,
+                   reference.scatter_residual_relu_pool_, reference.recurrent_gate_step)
 
 
 def _native_status(device: torch.device) -> tuple[bool, str]:
@@ -53,7 +62,7 @@ def _native_status(device: torch.device) -> tuple[bool, str]:
 def _native_backend() -> Backend:
     ops = torch.ops.dynexec
     return Backend("native", ops.partition, ops.gather_rows, ops.scatter_residual_relu_,
-                   ops.downsample_b)
+                   ops.downsample_b, ops.scatter_residual_relu_pool_, ops.recurrent_gate_step)
 
 
 def _triton_status(device: torch.device) -> tuple[bool, str]:
@@ -71,7 +80,8 @@ def _triton_status(device: torch.device) -> tuple[bool, str]:
 
 def _triton_backend() -> Backend:
     from ..kernels import ops as t
-    return Backend("triton", t.partition, t.gather_rows, t.scatter_residual_relu_, t.downsample_b)
+    return Backend("triton", t.partition, t.gather_rows, t.scatter_residual_relu_, t.downsample_b,
+                   t.scatter_residual_relu_pool_, reference.recurrent_gate_step)
 
 
 def backend_status(device: torch.device | str = "cpu") -> dict[str, tuple[bool, str]]:

@@ -39,6 +39,30 @@ def _scatter_residual_relu_fake(out: torch.Tensor, y: torch.Tensor, idx: torch.T
     return None
 
 
+def _scatter_residual_relu_pool_fake(out: torch.Tensor, y: torch.Tensor, idx: torch.Tensor, count,
+                                     pooled: torch.Tensor):
+    op = "scatter_residual_relu_pool_"
+    _check_idx_device(op, out, idx)
+    torch._check(out.dim() == 4, lambda: (
+        f"dynexec::{op}: expected a 4-D out [N, C, H, W], but got shape {tuple(out.shape)}"))
+    torch._check(pooled.dtype == out.dtype and pooled.device == out.device, lambda: (
+        f"dynexec::{op}: expected pooled of dtype {out.dtype} on {out.device} (out's), but got "
+        f"{pooled.dtype} on {pooled.device}"))
+    torch._check(tuple(pooled.shape) == tuple(out.shape[:2]), lambda: (
+        f"dynexec::{op}: expected pooled of shape [N, C] = {list(out.shape[:2])}, but got "
+        f"{list(pooled.shape)}"))
+    return None
+
+
+def _recurrent_gate_step_fake(pooled, embed_w, embed_b, w_ih, w_hh, b_ih, b_hh, proj_w, proj_b,
+                              hx, cx):
+    torch._check(pooled.dim() == 2 and hx.dim() == 2, lambda: (
+        f"dynexec::recurrent_gate_step: expected 2-D pooled [N, C] and hx [N, H], but got "
+        f"shapes {list(pooled.shape)} and {list(hx.shape)}"))
+    n, h = pooled.shape[0], hx.shape[1]
+    return pooled.new_empty((n,)), pooled.new_empty((n, h)), pooled.new_empty((n, h))
+
+
 def _downsample_b_fake(x: torch.Tensor, out_channels):
     n, _, h, w = x.shape
     z = x.new_empty((n, out_channels, h // 2, w // 2))
@@ -49,6 +73,8 @@ _FAKES = {
     "dynexec::partition": _partition_fake,
     "dynexec::gather_rows": _gather_rows_fake,
     "dynexec::scatter_residual_relu_": _scatter_residual_relu_fake,
+    "dynexec::scatter_residual_relu_pool_": _scatter_residual_relu_pool_fake,
+    "dynexec::recurrent_gate_step": _recurrent_gate_step_fake,
     "dynexec::downsample_b": _downsample_b_fake,
 }
 _registered = False

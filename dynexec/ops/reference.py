@@ -1,4 +1,4 @@
-"""Pure-PyTorch reference implementations of the regrouping ops.
+"""Pure-PyTorch reference implementations of the regrouping and gate ops.
 
 These define the semantics every backend (native C++/CUDA, Triton) must reproduce.
 Tests and benchmarks import them, so the reference lives in exactly one place.
@@ -14,6 +14,21 @@ Contract shared by all backends:
   scatter_residual_relu_(out[N, ...], y[count, ...], idx[M>=count] int64, count: int) -> None
       out[idx[i]] = relu(y[i] + out[idx[i]]) for i < count, in place. Indices among
       idx[:count] must be distinct and in [0, N).
+  scatter_residual_relu_pool_(out[N, C, H, W], y[count, C, H, W], idx, count, pooled[N, C]) -> None
+      scatter_residual_relu_(out, y, idx, count), and pooled[idx[i], c] = the mean over
+      (h, w) of the new out[idx[i], c] for i < count, in place. out is 4-D (any strides);
+      pooled is a contiguous [N, C] tensor of out's dtype and device; its other rows are
+      left untouched. Means are accumulated in float32 for float16/bfloat16/float32 and
+      in float64 for float64, so they match out.mean((2, 3)) up to float rounding.
+  recurrent_gate_step(pooled[N, C], embed_w[C, E], embed_b[E], w_ih[4H, E], w_hh[4H, H],
+                      b_ih[4H], b_hh[4H], proj_w[H, 1], proj_b[1], hx[N, H], cx[N, H])
+      -> (prob[N], hx_new[N, H], cx_new[N, H])
+      One step of SkipNet's recurrent gate: e = pooled @ embed_w + embed_b;
+      (hx_new, cx_new) = torch.lstm_cell(e, (hx, cx), w_ih, w_hh, b_ih, b_hh) (gate order
+      i, f, g, o); prob = sigmoid(hx_new @ proj_w + proj_b).reshape(N). All tensors share
+      pooled's floating dtype and device; outputs are fresh contiguous tensors. Backends
+      agree with this composite up to float rounding (they accumulate in float32 for
+      float16/bfloat16/float32, in float64 for float64).
   downsample_b(x[N, C, H, W], out_channels: int) -> z[N, out_channels, H//2, W//2]
       BlockDrop's parameter-free CIFAR shortcut: 2x2 average pool (stride 2, floor),
       then the pooled channels followed by (out_channels // C - 1) copies of
@@ -107,8 +122,7 @@ def gather_rows(x: torch.Tensor, idx: torch.Tensor, count: int) -> torch.Tensor:
     return y.contiguous(memory_format=_memory_format(x))
 
 
-def scatter_residual_relu_(out: torch.Tensor, y: torch.Tensor, idx: torch.Tensor, count: int) -> None:
-    name = "scatter_residual_relu_"
+def _check_scatter(name: str, out: torch.Tensor, y: torch.Tensor, idx: torch.Tensor, count) -> int:
     _tensor(name, "out", out)
     _tensor(name, "y", y)
     if not out.is_floating_point():
@@ -120,10 +134,80 @@ def scatter_residual_relu_(out: torch.Tensor, y: torch.Tensor, idx: torch.Tensor
     if out.dim() < 1 or y.dim() != out.dim() or tuple(y.shape[1:]) != tuple(out.shape[1:]):
         raise OpArgumentError(f"{name}: y must have shape [count, *out.shape[1:]] = "
                          f"[count, {', '.join(map(str, out.shape[1:]))}], got {tuple(y.shape)}")
-    count = _check_rows(name, out, idx, count, upper=min(out.shape[0], y.shape[0]),
-                        distinct=True)
+    return _check_rows(name, out, idx, count, upper=min(out.shape[0], y.shape[0]), distinct=True)
+
+
+def scatter_residual_relu_(out: torch.Tensor, y: torch.Tensor, idx: torch.Tensor, count: int) -> None:
+    count = _check_scatter("scatter_residual_relu_", out, y, idx, count)
     rows = idx[:count]
     out.index_copy_(0, rows, torch.relu(y[:count] + out.index_select(0, rows)))
+
+
+def scatter_residual_relu_pool_(out: torch.Tensor, y: torch.Tensor, idx: torch.Tensor, count: int,
+                                pooled: torch.Tensor) -> None:
+    name = "scatter_residual_relu_pool_"
+    _tensor(name, "pooled", pooled)
+    count = _check_scatter(name, out, y, idx, count)
+    if out.dim() != 4:
+        raise OpArgumentError(f"{name}: out must be 4-D [N, C, H, W], got shape {tuple(out.shape)}")
+    expected = (out.shape[0], out.shape[1])
+    if pooled.dtype != out.dtype:
+        raise OpArgumentError(f"{name}: pooled must have out's dtype {out.dtype}, got {pooled.dtype}")
+    if pooled.device != out.device:
+        raise OpArgumentError(f"{name}: pooled must be on out's device {out.device}, got "
+                              f"{pooled.device}")
+    if tuple(pooled.shape) != expected:
+        raise OpArgumentError(f"{name}: pooled must have shape [N, C] = {list(expected)}, got "
+                              f"{list(pooled.shape)}")
+    if not pooled.is_contiguous():
+        raise OpArgumentError(f"{name}: pooled must be contiguous, got strides {pooled.stride()}")
+    rows = idx[:count]
+    new = torch.relu(y[:count] + out.index_select(0, rows))
+    out.index_copy_(0, rows, new)
+    pooled.index_copy_(0, rows, new.mean(dim=(2, 3)))
+
+
+def recurrent_gate_step(pooled: torch.Tensor, embed_w: torch.Tensor, embed_b: torch.Tensor,
+                        w_ih: torch.Tensor, w_hh: torch.Tensor, b_ih: torch.Tensor,
+                        b_hh: torch.Tensor, proj_w: torch.Tensor, proj_b: torch.Tensor,
+                        hx: torch.Tensor, cx: torch.Tensor
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    name = "recurrent_gate_step"
+    args = dict(pooled=pooled, embed_w=embed_w, embed_b=embed_b, w_ih=w_ih, w_hh=w_hh, b_ih=b_ih,
+                b_hh=b_hh, proj_w=proj_w, proj_b=proj_b, hx=hx, cx=cx)
+    for arg, t in args.items():
+        _tensor(name, arg, t)
+    if pooled.dim() != 2:
+        raise OpArgumentError(f"{name}: pooled must be 2-D [N, C], got shape {list(pooled.shape)}")
+    if not pooled.is_floating_point():
+        raise OpArgumentError(f"{name}: pooled must have a floating point dtype, got {pooled.dtype}")
+    n, c = pooled.shape
+    if embed_w.dim() != 2 or embed_w.shape[0] != c:
+        raise OpArgumentError(f"{name}: embed_w must have shape [C, E] with C={c} "
+                              f"(pooled.shape[1]), got {list(embed_w.shape)}")
+    if hx.dim() != 2 or hx.shape[0] != n:
+        raise OpArgumentError(f"{name}: hx must have shape [N, H] with N={n} (pooled.shape[0]), "
+                              f"got {list(hx.shape)}")
+    e, h = embed_w.shape[1], hx.shape[1]
+    shapes = dict(embed_w=("[C, E]", [c, e]), embed_b=("[E]", [e]), w_ih=("[4H, E]", [4 * h, e]),
+                  w_hh=("[4H, H]", [4 * h, h]), b_ih=("[4H]", [4 * h]), b_hh=("[4H]", [4 * h]),
+                  proj_w=("[H, 1]", [h, 1]), proj_b=("[1]", [1]), hx=("[N, H]", [n, h]),
+                  cx=("[N, H]", [n, h]))
+    for arg, (dims, shape) in shapes.items():
+        t = args[arg]
+        if t.dtype != pooled.dtype:
+            raise OpArgumentError(f"{name}: {arg} must have pooled's dtype {pooled.dtype}, got "
+                                  f"{t.dtype}")
+        if t.device != pooled.device:
+            raise OpArgumentError(f"{name}: {arg} must be on pooled's device {pooled.device}, "
+                                  f"got {t.device}")
+        if list(t.shape) != shape:
+            raise OpArgumentError(f"{name}: {arg} must have shape {dims} = {shape}, got "
+                                  f"{list(t.shape)}")
+    embedding = torch.addmm(embed_b, pooled, embed_w)
+    hx_new, cx_new = torch.lstm_cell(embedding, (hx, cx), w_ih, w_hh, b_ih, b_hh)
+    prob = torch.sigmoid(torch.addmm(proj_b, hx_new, proj_w)).reshape(n)
+    return prob, hx_new, cx_new
 
 
 def downsample_b(x: torch.Tensor, out_channels: int) -> torch.Tensor:

@@ -1,0 +1,335 @@
+"""Tests of the SkipNet gate ops, scatter_residual_relu_pool_ and recurrent_gate_step, on
+every backend available here (native C++, Triton under the interpreter, the torch
+reference), against simple independent references computed in float64 on fresh seeded
+random data: all counts (none, one, some, all), odd sizes, NCHW / channels_last /
+non-dense layouts, float32 and float64 (float16 / bfloat16 with loose tolerances), the
+pooled rows outside idx left untouched, bad arguments and torch.library.opcheck."""
+from __future__ import annotations
+
+import importlib
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # before any Triton kernel is decorated
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from dynexec.ops import backend_status, get_backend  # noqa: E402
+
+BACKENDS = ("native", "triton", "torch")
+ERRORS = (RuntimeError, ValueError)
+CL = torch.channels_last
+pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+
+
+def backend(name):
+    ok, reason = backend_status("cpu")[name]
+    if not ok:
+        pytest.skip(f"backend {name} is not available here: {reason}")
+    if name == "triton":
+        from dynexec.kernels import regroup
+        if not regroup.kernels_interpreted():
+            importlib.reload(regroup)  # imported before TRITON_INTERPRET=1 (see test_triton_ops)
+    return get_backend(name, "cpu")
+
+
+def _gen(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+def _tol(dtype):
+    return {torch.float64: dict(rtol=1e-10, atol=1e-12),
+            torch.float32: dict(rtol=1e-5, atol=1e-5)}.get(dtype, dict(rtol=2e-2, atol=2e-2))
+
+
+# ------------------------------------------------------------------ scatter_residual_relu_pool_
+def make_out(shape, dtype, layout, seed):
+    """A random 4-D `out` of logical `shape` in one of several memory layouts."""
+    n, c, h, w = shape
+    g = _gen(seed)
+    if layout == "contiguous":
+        x = torch.randn(shape, generator=g, dtype=torch.float64)
+    elif layout == "channels_last":
+        x = torch.randn(shape, generator=g, dtype=torch.float64).contiguous(memory_format=CL)
+    elif layout == "slice":  # every other channel of a wider tensor: rows not dense
+        x = torch.randn((n, 2 * c, h, w), generator=g, dtype=torch.float64)[:, ::2]
+    elif layout == "transposed":  # H and W swapped in memory
+        x = torch.randn((n, c, w, h), generator=g, dtype=torch.float64).transpose(2, 3)
+    else:
+        raise ValueError(layout)
+    out = x.to(dtype)
+    assert out.shape == shape
+    return out
+
+
+def expected_pool(out, y, idx, count, pooled):
+    """Row by row: out[r] = relu(y[i] + out[r]) (in out's dtype, like the scatter) and
+    pooled[r] = the float64 mean of the new row, rounded once."""
+    out, pooled = out.clone(), pooled.clone()
+    for i, r in enumerate(idx[:count].tolist()):
+        out[r] = torch.relu(y[i] + out[r])
+        pooled[r] = out[r].double().mean(dim=(1, 2)).to(pooled.dtype)
+    return out, pooled
+
+
+def check_pool(ops, out, y, idx, count):
+    n, c = out.shape[:2]
+    pooled = torch.full((n, c), -7.0, dtype=out.dtype)
+    want_out, want_pooled = expected_pool(out, y, idx, count, pooled)
+    scattered = out.clone()
+    scatter = ops.scatter_residual_relu_
+    if ops.name == "triton" and not (out.is_contiguous() or out.is_contiguous(memory_format=CL)):
+        scatter = get_backend("torch").scatter_residual_relu_  # (Triton's needs dense rows)
+    scatter(scattered, y, idx, count)
+    ptr, strides = out.data_ptr(), out.stride()
+    assert ops.scatter_residual_relu_pool_(out, y, idx, count, pooled) is None
+    assert out.data_ptr() == ptr and out.stride() == strides  # in place
+    assert torch.equal(out, want_out)
+    assert torch.equal(out, scattered)  # the same out as scatter_residual_relu_
+    torch.testing.assert_close(pooled, want_pooled, equal_nan=True, **_tol(out.dtype))
+    untouched = torch.ones(n, dtype=torch.bool)
+    untouched[idx[:count]] = False
+    assert (pooled[untouched] == -7.0).all()
+
+
+def counts(n, seed):
+    return sorted({0, 1, n, int(torch.randint(0, n + 1, (1,), generator=_gen(seed)))})
+
+
+SHAPES = [(1, 3, 5, 5), (7, 5, 3, 9), (8, 16, 8, 8), (5, 4, 1, 1), (3, 17, 2, 3)]
+LAYOUTS = ["contiguous", "channels_last", "slice", "transposed"]
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_scatter_pool_matches_reference(name, dtype, layout):
+    ops = backend(name)
+    for k, shape in enumerate(SHAPES):
+        n = shape[0]
+        for count in counts(n, seed=k):
+            seed = hash((shape, layout, count)) % 2**31
+            out = make_out(shape, dtype, layout, seed)
+            y = torch.randn((count + 1,) + shape[1:], generator=_gen(seed + 1), dtype=dtype)
+            idx = torch.cat([torch.randperm(n, generator=_gen(seed + 2))[:count],
+                             torch.tensor([n + 3, -1])])  # entries past count are ignored
+            check_pool(ops, out, y, idx, count)
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_scatter_pool_low_precision(name, dtype, layout):
+    ops = backend(name)
+    out = make_out((6, 5, 4, 3), dtype, layout, seed=3)
+    y = torch.randn((4, 5, 4, 3), generator=_gen(4)).to(dtype)
+    check_pool(ops, out, y, torch.tensor([5, 0, 2, 3]), 4)
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_scatter_pool_stage_shape(name, layout):
+    """SkipNet's stage-1 shape (H * W = 1024 values per mean), half the rows."""
+    ops = backend(name)
+    out = make_out((64, 16, 32, 32), torch.float32, layout, seed=5)
+    y = torch.randn((32, 16, 32, 32), generator=_gen(6))
+    check_pool(ops, out, y, torch.randperm(64, generator=_gen(7)), 32)
+
+
+def test_scatter_pool_native_threads():
+    """Enough work for at::parallel_for to split it: every sum stays within one task."""
+    ops = backend("native")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        for layout in ("contiguous", "channels_last"):
+            out = make_out((48, 24, 16, 16), torch.float32, layout, seed=8)
+            y = torch.randn((40, 24, 16, 16), generator=_gen(9))
+            check_pool(ops, out, y, torch.randperm(48, generator=_gen(10)), 40)
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+def test_scatter_pool_empty_planes(name):
+    """H * W == 0: the mean of nothing is NaN, as out.mean((2, 3)) gives."""
+    ops = backend(name)
+    out = torch.randn(4, 3, 0, 5)
+    pooled = torch.zeros(4, 3)
+    ops.scatter_residual_relu_pool_(out, torch.randn(2, 3, 0, 5), torch.tensor([2, 0]), 2, pooled)
+    assert torch.isnan(pooled[[0, 2]]).all() and (pooled[[1, 3]] == 0).all()
+
+
+def _pool_args(**override):
+    args = dict(out=torch.randn(5, 3, 4, 4), y=torch.randn(3, 3, 4, 4), idx=torch.tensor([4, 0, 2]),
+                count=3, pooled=torch.zeros(5, 3))
+    args.update(override)
+    return args
+
+
+POOL_ERRORS = {
+    "pooled_shape": (dict(pooled=torch.zeros(5, 4)), r"pooled.*shape.*\[5, 3\].*\[5, 4\]"),
+    "pooled_rows": (dict(pooled=torch.zeros(4, 3)), r"pooled.*shape.*\[5, 3\].*\[4, 3\]"),
+    "pooled_dtype": (dict(pooled=torch.zeros(5, 3, dtype=torch.float64)),
+                     r"pooled.*dtype.*(Float|float32).*(Double|float64)"),
+    "pooled_strided": (dict(pooled=torch.zeros(3, 5).t()), r"contiguous.*strides"),
+    "pooled_meta": (dict(pooled=torch.zeros(5, 3, device="meta")), r"device|meta"),
+    "out_3d": (dict(out=torch.randn(5, 3, 4), y=torch.randn(3, 3, 4)), r"4-D.*5, 3, 4"),
+    "duplicate_idx": (dict(idx=torch.tensor([4, 0, 4])), r"distinct|duplicate"),
+    "idx_out_of_range": (dict(idx=torch.tensor([4, 0, 5])), r"out of range|\[0, 5\)"),
+    "y_shape": (dict(y=torch.randn(3, 3, 4, 5)), r"shape"),
+    "count_too_large": (dict(count=6, idx=torch.arange(6), y=torch.randn(6, 3, 4, 4)), r"count"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(POOL_ERRORS))
+@pytest.mark.parametrize("name", BACKENDS)
+def test_scatter_pool_bad_arguments(name, case):
+    """A clear error naming what was expected and what was given; nothing is modified."""
+    ops = backend(name)
+    override, pattern = POOL_ERRORS[case]
+    args = _pool_args(**override)
+    before = {k: args[k].clone() for k in ("out", "pooled") if args[k].device.type != "meta"}
+    with pytest.raises(ERRORS, match=pattern):
+        ops.scatter_residual_relu_pool_(**args)
+    for k, v in before.items():
+        assert torch.equal(args[k], v), f"a rejected call modified {k}"
+
+
+# ------------------------------------------------------------------ recurrent_gate_step
+def gate_args(n, c, e, h, dtype, seed):
+    """Arguments at the scale of a trained gate: pooled >= 0 (means of ReLU outputs), weights
+    ~ 1 / sqrt(fan_in), a nonzero recurrent state."""
+    g = _gen(seed)
+
+    def rnd(*shape, scale=1.0):
+        return (torch.randn(shape, generator=g, dtype=torch.float64) * scale).to(dtype)
+
+    return [torch.rand((n, c), generator=g, dtype=torch.float64).to(dtype) * 2,
+            rnd(c, e, scale=c ** -0.5), rnd(e, scale=0.1),
+            rnd(4 * h, e, scale=e ** -0.5), rnd(4 * h, h, scale=h ** -0.5),
+            rnd(4 * h, scale=0.1), rnd(4 * h, scale=0.1),
+            rnd(h, 1, scale=h ** -0.5), rnd(1, scale=0.1),
+            rnd(n, h, scale=0.5), rnd(n, h)]
+
+
+def expected_gate(pooled, embed_w, embed_b, w_ih, w_hh, b_ih, b_hh, proj_w, proj_b, hx, cx):
+    """The gate step written out in float64 (no torch.lstm_cell / addmm)."""
+    d = [t.double() for t in (pooled, embed_w, embed_b, w_ih, w_hh, b_ih, b_hh, proj_w, proj_b,
+                              hx, cx)]
+    pooled, embed_w, embed_b, w_ih, w_hh, b_ih, b_hh, proj_w, proj_b, hx, cx = d
+    e = pooled @ embed_w + embed_b
+    i, f, g, o = (e @ w_ih.t() + b_ih + hx @ w_hh.t() + b_hh).chunk(4, dim=1)
+    c_new = torch.sigmoid(f) * cx + torch.sigmoid(i) * torch.tanh(g)
+    h_new = torch.sigmoid(o) * torch.tanh(c_new)
+    return torch.sigmoid(h_new @ proj_w + proj_b).reshape(-1), h_new, c_new
+
+
+def check_gate(ops, args):
+    got = ops.recurrent_gate_step(*args)
+    want = expected_gate(*args)
+    n, h = args[-1].shape
+    for g, w, shape in zip(got, want, [(n,), (n, h), (n, h)]):
+        assert g.shape == shape and g.dtype == args[0].dtype and g.is_contiguous()
+        torch.testing.assert_close(g.double(), w, **_tol(args[0].dtype))
+    return got
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_gate_step_matches_reference(name, dtype):
+    ops = backend(name)
+    for n in (0, 1, 7, 64, 67):
+        for c, e, h in ((16, 10, 10), (64, 10, 10), (33, 3, 5), (1, 1, 1)):
+            check_gate(ops, gate_args(n, c, e, h, dtype, seed=hash((n, c, e, h)) % 2**31))
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_gate_step_low_precision(name, dtype):
+    check_gate(backend(name), gate_args(9, 16, 10, 10, dtype, seed=1))
+
+
+def test_gate_step_native_agrees_with_composite():
+    """The native op against the composite it replaces (addmm, lstm_cell, addmm, sigmoid),
+    including saturating gates (large pre-activations) and the sign of tiny ones."""
+    native, composite = backend("native"), backend("torch")
+    for scale in (1.0, 30.0, 1e-6):
+        args = gate_args(19, 32, 10, 10, torch.float32, seed=2)
+        args[0] = args[0] * scale
+        args[9] = args[9] * scale
+        for g, w in zip(native.recurrent_gate_step(*args), composite.recurrent_gate_step(*args)):
+            torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
+
+
+def test_gate_step_native_strided_inputs_and_threads():
+    ops = backend("native")
+    args = gate_args(300, 64, 10, 10, torch.float32, seed=3)
+    want = expected_gate(*args)
+    strided = list(args)
+    strided[0] = args[0].repeat_interleave(2, dim=1)[:, ::2]  # not contiguous, same values
+    strided[1] = args[1].t().contiguous().t()
+    strided[9] = args[9].t().contiguous().t()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)  # 300 samples are split over both threads
+    try:
+        got = ops.recurrent_gate_step(*strided)
+    finally:
+        torch.set_num_threads(threads)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g.double(), w, **_tol(torch.float32))
+
+
+def _bad_gate(index, value):
+    args = gate_args(3, 5, 4, 3, torch.float32, seed=4)
+    args[index] = value
+    return args
+
+
+GATE_ERRORS = {  # argument index, bad value, pattern
+    "pooled_1d": (0, torch.rand(5), r"2-D.*\[5\]"),
+    "pooled_int": (0, torch.ones(3, 5, dtype=torch.int64), r"floating"),
+    "embed_w_channels": (1, torch.randn(6, 4), r"embed_w.*C=5.*\[6, 4\]"),
+    "embed_b_shape": (2, torch.randn(3), r"embed_b.*\[E\] = \[4\].*\[3\]"),
+    "w_ih_shape": (3, torch.randn(12, 5), r"w_ih.*\[4H, E\] = \[12, 4\].*\[12, 5\]"),
+    "w_hh_shape": (4, torch.randn(12, 4), r"w_hh.*\[4H, H\] = \[12, 3\].*\[12, 4\]"),
+    "b_hh_shape": (6, torch.randn(9), r"b_hh.*\[12\].*\[9\]"),
+    "proj_w_transposed": (7, torch.randn(1, 3), r"proj_w.*\[H, 1\] = \[3, 1\].*\[1, 3\]"),
+    "proj_b_shape": (8, torch.randn(2), r"proj_b.*\[1\].*\[2\]"),
+    "hx_batch": (9, torch.randn(4, 3), r"hx.*N=3.*\[4, 3\]"),
+    "hx_dtype": (9, torch.randn(3, 3, dtype=torch.float64), r"hx.*dtype.*(Float|float32).*(Double|float64)"),
+    "cx_shape": (10, torch.randn(3, 2), r"cx.*\[N, H\] = \[3, 3\].*\[3, 2\]"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(GATE_ERRORS))
+@pytest.mark.parametrize("name", BACKENDS)
+def test_gate_step_bad_arguments(name, case):
+    index, value, pattern = GATE_ERRORS[case]
+    with pytest.raises(ERRORS, match=pattern):
+        backend(name).recurrent_gate_step(*_bad_gate(index, value))
+
+
+# ------------------------------------------------------------------ opcheck
+def _opcheck_samples():
+    out = torch.randn(5, 3, 4, 6)
+    idx = torch.tensor([4, 1, 3, 0, 2, 7])
+    yield "scatter_residual_relu_pool_", (out.clone(), torch.randn(3, 3, 4, 6), idx, 3, torch.zeros(5, 3))
+    yield "scatter_residual_relu_pool_", (out.contiguous(memory_format=CL), torch.randn(5, 3, 4, 6), idx,
+                                          5, torch.zeros(5, 3))
+    yield "scatter_residual_relu_pool_", (out.clone(), torch.randn(0, 3, 4, 6), idx, 0, torch.zeros(5, 3))
+    yield "recurrent_gate_step", tuple(gate_args(6, 8, 4, 3, torch.float32, seed=5))
+    yield "recurrent_gate_step", tuple(gate_args(0, 8, 4, 3, torch.float64, seed=6))
+
+
+@pytest.mark.parametrize("i", range(5))
+def test_opcheck_native(i):
+    backend("native")
+    name, args = list(_opcheck_samples())[i]
+    torch.library.opcheck(getattr(torch.ops.dynexec, name).default, args)
+
+
+def test_opcheck_triton():
+    backend("triton")
+    name, args = list(_opcheck_samples())[0]
+    torch.library.opcheck(torch.ops.dynexec.triton_scatter_residual_relu_pool_, args)
