@@ -82,12 +82,22 @@ class Engine:
         state = prog.gate_runner.init_state(n, h) if online else None
         # A routing known up front: every block's count in one reduction.
         counts = None if online else routing.sum(dim=0).tolist()
+        # Gates that read the pooled block output get it from the fused scatter.
+        pooled_gates = online and prog.gate_runner.takes_pooled
+        pooled = None
         for k, block in enumerate(prog.blocks):
             mask = routing[:, k]
             active = int(mask.sum()) if online else counts[k]
-            h = self._run_block(block, h, mask, active)
-            if online and k + 1 < k_total:
-                p, state = prog.gate_runner.step(k, h, state)
+            gate_next = online and k + 1 < k_total
+            if gate_next and pooled_gates:
+                h, pooled = self._run_block_pooled(block, h, mask, active, pooled)
+                p, state = prog.gate_runner.step_pooled(k, pooled, state,
+                                                        self.backend.recurrent_gate_step)
+            else:
+                h = self._run_block(block, h, mask, active)
+                if gate_next:
+                    p, state = prog.gate_runner.step(k, h, state)
+            if gate_next:
                 routing[:, k + 1] = model.decide(p)
         return prog.head(h), routing
 
@@ -115,6 +125,27 @@ class Engine:
         # activation in place and the skipped rows are never touched.
         ops.scatter_residual_relu_(out, y, idx, active)
         return out
+
+    def _run_block_pooled(self, block: ProgramBlock, h: torch.Tensor, mask: torch.Tensor,
+                          active: int, pooled: Optional[torch.Tensor]):
+        """``_run_block`` that also returns the block output's spatial mean [N, C] (the next
+        gate's input). Behind an identity shortcut the rows a block skips are unchanged,
+        so their cached means are kept and only the executed rows are pooled, inside the
+        scatter's single pass."""
+        if block.shortcut_kind != "identity" or pooled is None:
+            out = self._run_block(block, h, mask, active)
+            return out, out.mean(dim=(2, 3)).contiguous()
+        if active == 0:
+            return h, pooled
+        ops = self.backend
+        if active == h.shape[0]:
+            idx = torch.arange(active, device=h.device)
+            y = block.branch(h)
+        else:
+            idx, _ = ops.partition(mask)
+            y = block.branch(ops.gather_rows(h, idx, active))
+        ops.scatter_residual_relu_pool_(h, y, idx, active, pooled)
+        return h, pooled
 
     def _shortcut(self, block: ProgramBlock, h: torch.Tensor) -> torch.Tensor:
         if block.shortcut_kind == "identity":

@@ -24,6 +24,7 @@ from torch import nn
 from .models.blockdrop import BasicBlock as BDBasic, Bottleneck as BDBottleneck, DownsampleB
 from .models.common import BlockView, RoutedModel, StemView
 from .models.skipnet import BasicBlock as SNBasic, Bottleneck as SNBottleneck
+from .ops import reference
 
 
 def onednn_packing_available() -> bool:
@@ -159,9 +160,12 @@ def _fold_projection(module: nn.Module) -> Optional[FoldedChain]:
 # Routers
 # --------------------------------------------------------------------------------------
 class RecurrentGates:
-    """SkipNet's recurrent gate, lowered: global average pool + the 1x1 embedding as one
-    matrix product per gate, one fused LSTM cell step, and the projection + sigmoid.
-    Same arithmetic as the modules up to float rounding, far fewer kernel launches."""
+    """SkipNet's recurrent gate, lowered: global average pool, the 1x1 embedding as a
+    matrix product, one LSTM cell step, the projection and sigmoid — one
+    ``recurrent_gate_step`` op per gate. The engine passes the pooled block output
+    (``step_pooled``), which its fused scatter computes; ``step`` pools itself."""
+
+    takes_pooled = True
 
     def __init__(self, model: RoutedModel):
         control = model.control
@@ -178,15 +182,19 @@ class RecurrentGates:
         zeros = like.new_zeros((n, self.hidden))
         return zeros, zeros.clone()
 
-    def step(self, k: int, h: torch.Tensor, state):
-        embedding = torch.addmm(self.embed_b[k], h.mean(dim=(2, 3)), self.embed_w[k])
-        hx, cx = torch.lstm_cell(embedding, state, self.w_ih, self.w_hh, self.b_ih, self.b_hh)
-        p = torch.sigmoid(torch.addmm(self.proj_b, hx, self.proj_w)).reshape(-1)
+    def step_pooled(self, k: int, pooled: torch.Tensor, state, gate_step: Callable):
+        p, hx, cx = gate_step(pooled, self.embed_w[k], self.embed_b[k], self.w_ih, self.w_hh,
+                              self.b_ih, self.b_hh, self.proj_w, self.proj_b, *state)
         return p, (hx, cx)
+
+    def step(self, k: int, h: torch.Tensor, state):
+        return self.step_pooled(k, h.mean(dim=(2, 3)), state, reference.recurrent_gate_step)
 
 
 class ModuleGates:
     """Any other gate: the model's own modules (feed-forward gates)."""
+
+    takes_pooled = False
 
     def __init__(self, model: RoutedModel):
         self.model = model

@@ -157,3 +157,32 @@ def test_onednn_packed_weights_used_and_exact_layout(family):
     assert rel_err(a, b) < 1e-5
     double = dynexec.compile(make_model(family).double())
     assert all(c.packed is None for b in double.program.blocks for c in b.branch.convs)
+
+
+@pytest.mark.parametrize("backend", [b for b in ("native", "triton", "torch")
+                                     if backend_status("cpu")[b][0]])
+@pytest.mark.parametrize("rows", ["none", "one", "some", "all"])
+def test_pooled_block_matches_block_then_mean(backend, rows):
+    """The online engine's block step that also pools its output (cached means for the
+    rows an identity block skips, fused pooling for the rows it runs) equals running the
+    block and then taking the spatial mean, for every kind of mask."""
+    model = make_model("skipnet-cifar-rnn")
+    engine = dynexec.compile(model, backend=backend)
+    n = 7
+    gen = torch.Generator().manual_seed(3)
+    mask = {"none": torch.zeros(n, dtype=torch.bool),
+            "one": torch.arange(n) == 4,
+            "some": torch.rand(n, generator=gen) < 0.5,
+            "all": torch.ones(n, dtype=torch.bool)}[rows]
+    for k, block in enumerate(engine.program.blocks):
+        if block.shortcut_kind != "identity":
+            continue
+        c = block.out_channels
+        size = {16: 32, 32: 16, 64: 8}[c]
+        h = torch.randn(n, c, size, size, generator=gen).contiguous(memory_format=torch.channels_last)
+        with torch.inference_mode():
+            expected = engine._run_block(block, h.clone(), mask, int(mask.sum()))
+            cache = h.mean(dim=(2, 3)).contiguous()
+            out, pooled = engine._run_block_pooled(block, h.clone(), mask, int(mask.sum()), cache)
+        assert torch.allclose(out, expected, rtol=1e-5, atol=1e-5)
+        assert torch.allclose(pooled, expected.mean(dim=(2, 3)), rtol=1e-5, atol=1e-5)
