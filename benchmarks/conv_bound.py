@@ -2,76 +2,69 @@
 
     python benchmarks/conv_bound.py --models skipnet110,blockdrop110 --batch-sizes 8,32,64,128
 
-For each model and batch it takes the routing the engine produces on real images, then
-times only the residual branches' convolutions, with no gate, policy, gather, scatter or
-Python bookkeeping: once at the full batch for every block (dense) and once at exactly
-the sub-batch sizes the routing gives each block (routed). Both sides use the engine's
-own lowered convolutions (folded BN, packed weights, channels_last).
+For each model and batch it takes the routing the engine produces on real images, runs
+the engine with that routing forced (so no gate or policy runs) and with every block
+forced on (the dense engine), and sums, with torch.profiler, the time spent inside the
+convolution operators of each forward — in place, with the engine's own cache state,
+folded BN, packed weights and channels_last. Interleaved rounds, medians.
 
     conv realization = (dense conv time / routed conv time) / (blocks / executed blocks)
 
-is what an engine with zero overhead could reach with this convolution library: small
-sub-batches run at a lower per-sample throughput (fixed per-call cost, less parallel
-work), so it is usually below 1. latency.py's realization also includes gates/policy
-(counted in its theoretical speedup) and the regrouping itself.
+is what an engine with zero overhead outside the convolutions could reach with this
+convolution library: small sub-batches run at a lower per-sample throughput (fixed
+per-call cost, less parallel work). latency.py's realization also includes gates/policy
+(counted in its theoretical speedup) and the regrouping itself; the columns
+"dense other ms" / "routed other ms" are the forward's time outside convolutions.
 """
 from __future__ import annotations
 
 import argparse
 import statistics
+import time
 
 import torch
 
 import dynexec
 from dynexec.presets import PRESETS, build_preset
-from latency import Timer, load_images
+from latency import load_images
 
 
-def block_inputs(engine, x: torch.Tensor) -> list[torch.Tensor]:
-    """The input of every block on a dense pass (shapes and realistic values)."""
-    prog = engine.program
-    with torch.inference_mode():
-        h = prog.stem(x.contiguous(memory_format=torch.channels_last))
-        inputs = []
-        for block in prog.blocks:
-            inputs.append(h)
-            h = engine._run_block_all(block, h)
-    return inputs
+def _conv_ms(prof) -> float:
+    """ms spent in convolution operators (self time, so nested dispatch is not counted twice)."""
+    return sum(e.self_cpu_time_total for e in prof.key_averages() if "conv" in e.key) / 1e3
 
 
-def conv_time(engine, inputs: list[torch.Tensor], rows: list[int], timer: Timer) -> float:
-    """ms to run every block's branch on the first rows[k] samples of its input."""
-    blocks = engine.program.blocks
-    pieces = [(b.branch, h[:r].contiguous(memory_format=torch.channels_last))
-              for b, h, r in zip(blocks, inputs, rows) if r > 0]
-
-    def run():
-        with torch.inference_mode():
-            for branch, h in pieces:
-                branch(h)
-    return timer(run)
+def profiled(fn) -> tuple[float, float]:
+    """(wall ms, conv ms) of one call."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        t0 = time.perf_counter()
+        fn()
+        wall = (time.perf_counter() - t0) * 1e3
+    return wall, _conv_ms(prof)
 
 
-def measure(name: str, batch: int, repeats: int, timer: Timer) -> dict:
+def measure(name: str, batch: int, repeats: int) -> dict:
     images, source = load_images("auto", PRESETS[name].input_size, max(batch, 64))
     model, routing_source = build_preset(name, images[:64])
     engine = dynexec.compile(model)
     x = images[:batch]
     _, routing = engine(x, return_routing=True)
-    counts = routing.sum(dim=0).tolist()
-    inputs = block_inputs(engine, x)
-    dense_rows = [batch] * len(counts)
-    dense, routed = [], []
-    for _ in range(2):  # warm-up
-        conv_time(engine, inputs, dense_rows, timer), conv_time(engine, inputs, counts, timer)
+    dense_routing = torch.ones_like(routing)
+    runs = {"dense": lambda: engine(x, routing=dense_routing), "routed": lambda: engine(x, routing=routing)}
+    for fn in runs.values():  # warm-up
+        fn(), fn()
+    samples = {k: [] for k in runs}
     for _ in range(repeats):  # interleaved
-        dense.append(conv_time(engine, inputs, dense_rows, timer))
-        routed.append(conv_time(engine, inputs, counts, timer))
-    d, r = statistics.median(dense), statistics.median(routed)
-    fraction = sum(counts) / (batch * len(counts))
+        for k, fn in runs.items():
+            samples[k].append(profiled(fn))
+    med = {k: (statistics.median(w for w, _ in v), statistics.median(c for _, c in v))
+           for k, v in samples.items()}
+    fraction = routing.float().mean().item()
+    (dw, dc), (rw, rc) = med["dense"], med["routed"]
     return {"model": name, "routing_source": routing_source, "data": source, "batch_size": batch,
-            "executed_fraction": fraction, "dense_conv_ms": d, "routed_conv_ms": r,
-            "conv_realization": (d / r) * fraction}
+            "executed_fraction": fraction, "dense_conv_ms": dc, "routed_conv_ms": rc,
+            "dense_other_ms": dw - dc, "routed_other_ms": rw - rc,
+            "conv_realization": (dc / rc) * fraction}
 
 
 def main(argv=None) -> None:
@@ -83,16 +76,17 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    timer = Timer(torch.device("cpu"))
     print(f"threads={torch.get_num_threads()}  torch {torch.__version__}")
     print(f"{'model':14s} {'batch':>5s} {'executed':>8s} {'dense conv ms':>13s} "
-          f"{'routed conv ms':>14s} {'conv realization':>16s}")
+          f"{'routed conv ms':>14s} {'conv realization':>16s} {'dense other ms':>14s} "
+          f"{'routed other ms':>15s}")
     for name in args.models.split(","):
         for batch in (int(b) for b in args.batch_sizes.split(",")):
-            row = measure(name, batch, args.repeats, timer)
+            row = measure(name, batch, args.repeats)
             print(f"{name:14s} {batch:5d} {row['executed_fraction']:8.3f} "
                   f"{row['dense_conv_ms']:13.2f} {row['routed_conv_ms']:14.2f} "
-                  f"{row['conv_realization']:16.3f}")
+                  f"{row['conv_realization']:16.3f} {row['dense_other_ms']:14.2f} "
+                  f"{row['routed_other_ms']:15.2f}")
 
 
 if __name__ == "__main__":
