@@ -108,7 +108,9 @@ class Engine:
         return dense.head(h)
 
     def _run_block_all(self, block: ProgramBlock, h: torch.Tensor) -> torch.Tensor:
-        return block.branch_add_relu(h, self._shortcut(block, h))
+        # The shortcut output is engine-owned (h itself for an identity shortcut, which
+        # no later step reads), so the block's result is written into it.
+        return block.branch_add_relu_(h, self._shortcut(block, h))
 
     def _run_block(self, block: ProgramBlock, h: torch.Tensor, mask: torch.Tensor,
                    active: int) -> torch.Tensor:
