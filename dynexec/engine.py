@@ -139,13 +139,12 @@ class Engine:
             return out, out.mean(dim=(2, 3)).contiguous()
         if active == 0:
             return h, pooled
+        if active == h.shape[0]:  # in place into h, then one pooling pass
+            out = self._run_block_all(block, h)
+            return out, out.mean(dim=(2, 3)).contiguous()
         ops = self.backend
-        if active == h.shape[0]:
-            idx = torch.arange(active, device=h.device)
-            y = block.branch(h)
-        else:
-            idx, _ = ops.partition(mask)
-            y = block.branch(ops.gather_rows(h, idx, active))
+        idx, _ = ops.partition(mask)
+        y = block.branch(ops.gather_rows(h, idx, active))
         ops.scatter_residual_relu_pool_(h, y, idx, active, pooled)
         return h, pooled
 
