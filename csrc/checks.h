@@ -111,25 +111,39 @@ inline void check_scatter_args(const at::Tensor& out, const at::Tensor& y, const
               " rows, but got y of shape ", y.sizes());
 }
 
-// The scatter's checks plus: out is 4-D and pooled a contiguous [N, C] tensor of out's
-// dtype and device.
+// The pooled ops' checks of their 4-D data tensor `t` (named `name`: "out" or "x") and of
+// pooled, a contiguous [N, C] tensor of t's dtype and device.
+inline void check_pool_target(const char* op, const char* name, const at::Tensor& t,
+                              const at::Tensor& pooled) {
+  TORCH_CHECK(t.dim() == 4, "dynexec::", op, ": expected a 4-D ", name,
+              " [N, C, H, W], but got a ", t.dim(), "-D tensor of shape ", t.sizes());
+  TORCH_CHECK(pooled.device() == t.device(), "dynexec::", op, ": expected pooled on ",
+              t.device(), " (", name, "'s device), but got pooled on ", pooled.device());
+  TORCH_CHECK(pooled.scalar_type() == t.scalar_type(), "dynexec::", op,
+              ": expected pooled of dtype ", t.scalar_type(), " (", name, "'s dtype), but got ",
+              pooled.scalar_type());
+  TORCH_CHECK(pooled.dim() == 2 && pooled.size(0) == t.size(0) && pooled.size(1) == t.size(1),
+              "dynexec::", op, ": expected pooled of shape [N, C] = [", t.size(0), ", ",
+              t.size(1), "], but got pooled of shape ", pooled.sizes());
+  TORCH_CHECK(pooled.is_contiguous(), "dynexec::", op,
+              ": expected a contiguous pooled, but got pooled with strides ", pooled.strides());
+}
+
+// The scatter's checks plus check_pool_target(out, pooled).
 inline void check_scatter_pool_args(const at::Tensor& out, const at::Tensor& y,
                                     const at::Tensor& idx, int64_t count,
                                     const at::Tensor& pooled) {
   const char* op = "scatter_residual_relu_pool_";
   check_scatter_args(out, y, idx, count, op);
-  TORCH_CHECK(out.dim() == 4, "dynexec::", op, ": expected a 4-D out [N, C, H, W], but got a ",
-              out.dim(), "-D tensor of shape ", out.sizes());
-  TORCH_CHECK(pooled.device() == out.device(), "dynexec::", op, ": expected pooled on ",
-              out.device(), " (out's device), but got pooled on ", pooled.device());
-  TORCH_CHECK(pooled.scalar_type() == out.scalar_type(), "dynexec::", op,
-              ": expected pooled of dtype ", out.scalar_type(), " (out's dtype), but got ",
-              pooled.scalar_type());
-  TORCH_CHECK(pooled.dim() == 2 && pooled.size(0) == out.size(0) && pooled.size(1) == out.size(1),
-              "dynexec::", op, ": expected pooled of shape [N, C] = [", out.size(0), ", ",
-              out.size(1), "], but got pooled of shape ", pooled.sizes());
-  TORCH_CHECK(pooled.is_contiguous(), "dynexec::", op,
-              ": expected a contiguous pooled, but got pooled with strides ", pooled.strides());
+  check_pool_target(op, "out", out, pooled);
+}
+
+// relu_pool_: a floating point 4-D x and its pooled.
+inline void check_relu_pool_args(const at::Tensor& x, const at::Tensor& pooled) {
+  const char* op = "relu_pool_";
+  check_pool_target(op, "x", x, pooled);
+  TORCH_CHECK(at::isFloatingType(x.scalar_type()), "dynexec::", op,
+              ": expected a floating point x, but got ", x.scalar_type());
 }
 
 // One argument of recurrent_gate_step: pooled's dtype and device, and `shape` (spelled

@@ -35,6 +35,9 @@ TORCH_LIBRARY(dynexec, m) {
   m.def(
       "scatter_residual_relu_pool_(Tensor(a!) out, Tensor y, Tensor idx, SymInt count, "
       "Tensor(b!) pooled) -> ()");
+  // x = relu(x) in place and pooled[n, c] = x[n, c].mean((H, W)) for every n, in one pass
+  // (the whole-batch block's ReLU plus the input of SkipNet's next gate).
+  m.def("relu_pool_(Tensor(a!) x, Tensor(b!) pooled) -> ()");
   // One step of SkipNet's recurrent gate (1x1 embedding, LSTM cell, projection, sigmoid).
   m.def(
       "recurrent_gate_step(Tensor pooled, Tensor embed_w, Tensor embed_b, Tensor w_ih, "

@@ -71,9 +71,12 @@ DYNEXEC_HOST_DEVICE inline int64_t partition_slot(bool active, int64_t i,
 // `y + out` produces a T tensor), then ReLU keeps NaN and -0.0 (torch.relu is
 // clamp_min(x, 0) == (x < 0 ? 0 : x)).
 template <typename T>
+DYNEXEC_HOST_DEVICE inline T relu(T v) {
+  return v < static_cast<T>(0) ? static_cast<T>(0) : v;
+}
+template <typename T>
 DYNEXEC_HOST_DEVICE inline T relu_add(T out_v, T y_v) {
-  const T s = static_cast<T>(y_v + out_v);
-  return s < static_cast<T>(0) ? static_cast<T>(0) : s;
+  return relu(static_cast<T>(y_v + out_v));
 }
 
 // ---------------------------------------------------------------------------
@@ -197,8 +200,9 @@ DYNEXEC_HOST_DEVICE inline T downsample_b_value(T tl, T tr, T bl, T br, bool zer
 }
 
 // ---------------------------------------------------------------------------
-// scatter_residual_relu_pool_: the scatter plus the per-channel mean of each
-// updated row (pooled[row, c] = mean over (h, w) of the new out[row, c])
+// scatter_residual_relu_pool_ / relu_pool_: the scatter (or an in-place ReLU) plus the
+// per-channel mean of each updated row (pooled[row, c] = mean over (h, w) of the new
+// out[row, c])
 // ---------------------------------------------------------------------------
 
 // Offset of element p (= h * W + w) of channel c inside one dense row of a 4-D
@@ -206,6 +210,17 @@ DYNEXEC_HOST_DEVICE inline T downsample_b_value(T tl, T tr, T bl, T br, bool zer
 DYNEXEC_HOST_DEVICE inline int64_t row_plane_offset(int64_t c, int64_t p, int64_t C, int64_t HW,
                                                     bool channels_last) {
   return channels_last ? p * C + c : c * HW + p;
+}
+
+// The new value of one element of a pooled op: relu(o + y[j]) for
+// scatter_residual_relu_pool_ (kResidual), relu(o) for relu_pool_ (y is not read).
+template <bool kResidual, typename T>
+DYNEXEC_HOST_DEVICE DYNEXEC_FORCE_INLINE T pool_update(T o, const T* y, int64_t j) {
+  if constexpr (kResidual) {
+    return relu_add<T>(o, y[j]);
+  } else {
+    return relu<T>(o);
+  }
 }
 
 // Offset of pooled[row, c] in a contiguous [N, C] tensor.

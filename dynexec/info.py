@@ -12,7 +12,7 @@ from .graph_engine import graph_backend_status
 from .ops import BACKENDS, backend_status, get_backend
 
 OPS = ("partition", "gather_rows", "scatter_residual_relu_", "downsample_b",
-       "scatter_residual_relu_pool_", "recurrent_gate_step")
+       "scatter_residual_relu_pool_", "recurrent_gate_step", "relu_pool_")
 # ops the triton backend runs as the torch reference (see dynexec.ops)
 TRITON_REFERENCE_OPS = ("recurrent_gate_step",)
 

@@ -9,10 +9,11 @@ library FRAGMENT, so both coexist):
 * ``torch.ops.dynexec.triton_scatter_residual_relu_(out, y, idx, count) -> ()``  (mutates ``out``)
 * ``torch.ops.dynexec.triton_scatter_residual_relu_pool_(out, y, idx, count, pooled) -> ()``
   (mutates ``out`` and ``pooled``)
+* ``torch.ops.dynexec.triton_relu_pool_(x, pooled) -> ()`` (mutates ``x`` and ``pooled``)
 * ``torch.ops.dynexec.triton_downsample_b(x, out_channels) -> z``
 
 The plain functions :func:`partition`, :func:`gather_rows`, :func:`scatter_residual_relu_`,
-:func:`scatter_residual_relu_pool_` and :func:`downsample_b` have the reference signatures
+:func:`scatter_residual_relu_pool_`, :func:`relu_pool_` and :func:`downsample_b` have the reference signatures
 (``dynexec.ops.reference``) and call these ops. :func:`is_available` reports whether they can run here.
 
 Registration details (torch 2.13, triton 3.9):
@@ -44,6 +45,7 @@ __all__ = [
     "gather_rows",
     "scatter_residual_relu_",
     "scatter_residual_relu_pool_",
+    "relu_pool_",
     "downsample_b",
     "is_available",
 ]
@@ -98,6 +100,10 @@ if _rg is not None:
                                             count: int, pooled: torch.Tensor) -> None:
         _rg.scatter_residual_relu_pool_(out, y, idx, count, pooled)
 
+    @triton_op("dynexec::triton_relu_pool_", mutates_args=("x", "pooled"))
+    def _triton_relu_pool_(x: torch.Tensor, pooled: torch.Tensor) -> None:
+        _rg.relu_pool_(x, pooled)
+
     @triton_op("dynexec::triton_downsample_b", mutates_args=())
     def _triton_downsample_b(x: torch.Tensor, out_channels: int) -> torch.Tensor:
         return _rg.downsample_b(x, out_channels)
@@ -134,6 +140,11 @@ if _rg is not None:
         _same_device("scatter_residual_relu_pool_", out, y, idx, pooled)
         return None
 
+    @_triton_relu_pool_.register_fake
+    def _(x, pooled):
+        _same_device("relu_pool_", x, pooled)
+        return None
+
     @_triton_downsample_b.register_fake
     def _(x, out_channels):
         n, c, h, w = x.shape
@@ -156,7 +167,7 @@ if _rg is not None:
         return rule
 
     for _op in (_triton_partition, _triton_gather_rows, _triton_scatter_residual_relu_,
-                _triton_scatter_residual_relu_pool_, _triton_downsample_b):
+                _triton_scatter_residual_relu_pool_, _triton_relu_pool_, _triton_downsample_b):
         _op.register_torch_dispatch(FunctionalTensorMode, _make_functional_rule(_op))
 
 
@@ -186,6 +197,11 @@ def scatter_residual_relu_pool_(out: torch.Tensor, y: torch.Tensor, idx: torch.T
                                 pooled: torch.Tensor) -> None:
     """``scatter_residual_relu_`` plus ``pooled[idx[i]] = out[idx[i]].mean((H, W))``, in place."""
     _ops().triton_scatter_residual_relu_pool_(out, y, idx, count, pooled)
+
+
+def relu_pool_(x: torch.Tensor, pooled: torch.Tensor) -> None:
+    """``x = relu(x)`` and ``pooled = x.mean((H, W))`` in one pass, in place."""
+    _ops().triton_relu_pool_(x, pooled)
 
 
 def downsample_b(x: torch.Tensor, out_channels: int) -> torch.Tensor:

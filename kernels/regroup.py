@@ -7,6 +7,7 @@ reproduces them with Triton kernels:
 * :func:`gather_rows`            ``y[i] = x[idx[i]]`` for ``i < count``
 * :func:`scatter_residual_relu_` ``out[idx[i]] = relu(y[i] + out[idx[i]])`` in place
 * :func:`scatter_residual_relu_pool_` the same, plus ``pooled[idx[i]] = out[idx[i]].mean((H, W))``
+* :func:`relu_pool_`             ``x = relu(x)`` in place and ``pooled = x.mean((H, W))``, one pass
 * :func:`downsample_b`           2x2 avg pool + zero channels (BlockDrop shortcut B)
 
 Running on CPU tensors (tests, no GPU)
@@ -27,7 +28,7 @@ elements. gather/scatter therefore copy rows as flat vectors. Non-contiguous inp
 ``gather_rows`` are first made row-contiguous (``x.contiguous(memory_format=...)``,
 a copy); ``scatter_residual_relu_`` refuses a non-row-contiguous ``out`` (it must write
 in place) and converts ``y`` to ``out``'s layout if needed. ``downsample_b`` and
-``scatter_residual_relu_pool_`` read (and write) their 4-D tensors through strides, so
+``scatter_residual_relu_pool_`` / ``relu_pool_`` read (and write) their 4-D tensors through strides, so
 they accept any layout and never copy.
 
 Interpreter reload
@@ -65,6 +66,7 @@ __all__ = [
     "gather_rows",
     "scatter_residual_relu_",
     "scatter_residual_relu_pool_",
+    "relu_pool_",
     "downsample_b",
     "SUPPORTED_DTYPES",
     "kernels_interpreted",
@@ -267,16 +269,22 @@ def _scatter_residual_relu_pool_kernel(
     ACC_DTYPE: tl.constexpr,
     UPCAST: tl.constexpr,
     SOFT_BF16: tl.constexpr,
+    HAS_Y: tl.constexpr = True,
+    HAS_IDX: tl.constexpr = True,
 ):
     """out[idx[i]] = relu(y[i] + out[idx[i]]) and pooled[idx[i], c] = the mean over (h, w)
-    of the new out[idx[i], c]. grid = (count, channel blocks): a program owns BLOCK_C
+    of the new out[idx[i], c]. relu_pool_ runs it with HAS_Y = HAS_IDX = False: row i
+    itself (idx_ptr unused) becomes relu(out[i]) (y_ptr and its strides unused). grid = (count, channel blocks): a program owns BLOCK_C
     channels of one row and sums them over all of H*W itself, so no sum is split between
     programs. out and y are addressed through their strides; FLAT_HW: (h, w) collapse to
     one stride (soh = W * sow, likewise for y), so the plane is p * sow (contiguity along
     the plane or the channels is then visible to the compiler)."""
     i = tl.program_id(0)
     if i < count:
-        dst = tl.load(idx_ptr + i)  # int64
+        if HAS_IDX:
+            dst = tl.load(idx_ptr + i)  # int64
+        else:
+            dst = i.to(tl.int64)
         valid = (dst >= 0) & (dst < N)
         c_limit = tl.where(valid, C, 0)  # invalid index: touch nothing
         c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -297,11 +305,12 @@ def _scatter_residual_relu_pool_kernel(
                 o_off = c64[:, None] * soc + (h * soh + w * sow)[None, :]
                 y_off = c64[:, None] * syc + (h * syh + w * syw)[None, :]
             o = tl.load(o_row + o_off, mask=m, other=0)
-            y = tl.load(y_row + y_off, mask=m, other=0)
-            if UPCAST:  # fp16/bf16: add in fp32 then round once (as the scatter)
-                s = o.to(tl.float32) + y.to(tl.float32)
+            if not HAS_Y:
+                s = o.to(tl.float32) if UPCAST else o  # (exact; ReLU in fp32 as the scatter)
+            elif UPCAST:  # fp16/bf16: add in fp32 then round once (as the scatter)
+                s = o.to(tl.float32) + tl.load(y_row + y_off, mask=m, other=0).to(tl.float32)
             else:
-                s = o + y
+                s = o + tl.load(y_row + y_off, mask=m, other=0)
             v = _cast_to(tl.where(s < 0, 0.0, s), out_ptr.dtype.element_ty, SOFT_BF16)
             tl.store(o_row + o_off, v, mask=m)
             acc += v.to(ACC_DTYPE)  # the stored (rounded) value, as out.mean() sees it
@@ -635,13 +644,7 @@ def scatter_residual_relu_pool_(out: torch.Tensor, y: torch.Tensor, idx: torch.T
             f"{name}: y must have shape [>=count, {', '.join(map(str, out.shape[1:]))}] "
             f"(matching out), got {tuple(y.shape)}"
         )
-    if pooled.dtype != out.dtype:
-        raise ValueError(f"{name}: pooled must have the same dtype as out ({out.dtype}), got {pooled.dtype}")
-    if tuple(pooled.shape) != tuple(out.shape[:2]):
-        raise ValueError(f"{name}: pooled must have shape [N, C] = {list(out.shape[:2])}, got "
-                         f"{list(pooled.shape)}")
-    if not pooled.is_contiguous():
-        raise ValueError(f"{name}: pooled must be contiguous, got strides {pooled.stride()}")
+    _check_pooled(name, "out", out, pooled)
     _check_idx(name, idx)
     n, c, h, w = out.shape
     count = _check_count(name, count, idx, upper=y.shape[0], upper_what="y.shape[0]")
@@ -649,8 +652,43 @@ def scatter_residual_relu_pool_(out: torch.Tensor, y: torch.Tensor, idx: torch.T
         raise ValueError(f"{name}: count must be <= out.shape[0] = {n} (indices are distinct), got {count}")
     rows = idx[:count]
     _check_idx_values(name, rows, n, distinct=True)
+    _launch_pool(name, out, y, rows.contiguous(), count, pooled)
+    return None
+
+
+def relu_pool_(x: torch.Tensor, pooled: torch.Tensor) -> None:
+    """x = relu(x) in place (through its strides, NaN kept) and pooled[n, c] = the mean over
+    (h, w) of the new x[n, c] for every n, in one pass (accumulated in fp32, fp64 for
+    fp64). pooled is a contiguous [N, C] tensor of x's dtype."""
+    name = "relu_pool_"
+    if not all(isinstance(t, torch.Tensor) for t in (x, pooled)):
+        raise ValueError(f"{name}: x and pooled must be torch.Tensors")
+    _check_launchable(name, x, pooled)
+    if x.dim() != 4:
+        raise ValueError(f"{name}: x must be 4-D [N, C, H, W], got shape {tuple(x.shape)}")
+    _check_dtype(name, "x", x)
+    _check_pooled(name, "x", x, pooled)
+    _launch_pool(name, x, None, None, x.shape[0], pooled)
+    return None
+
+
+def _check_pooled(name: str, arg: str, t: torch.Tensor, pooled: torch.Tensor) -> None:
+    if pooled.dtype != t.dtype:
+        raise ValueError(f"{name}: pooled must have the same dtype as {arg} ({t.dtype}), got {pooled.dtype}")
+    if tuple(pooled.shape) != tuple(t.shape[:2]):
+        raise ValueError(f"{name}: pooled must have shape [N, C] = {list(t.shape[:2])}, got "
+                         f"{list(pooled.shape)}")
+    if not pooled.is_contiguous():
+        raise ValueError(f"{name}: pooled must be contiguous, got strides {pooled.stride()}")
+
+
+def _launch_pool(name: str, out: torch.Tensor, y: torch.Tensor | None, rows: torch.Tensor | None,
+                 count: int, pooled: torch.Tensor) -> None:
+    """Launches the pool kernel on rows[:count] of out (all of out's first `count` rows if
+    rows is None) with the residual y (no residual if y is None)."""
+    n, c, h, w = out.shape
     if count == 0 or c == 0:
-        return None
+        return
     if count > _MAX_GRID_X:
         raise ValueError(f"{name}: count must be <= {_MAX_GRID_X}, got {count}")
     hw = h * w
@@ -660,22 +698,23 @@ def scatter_residual_relu_pool_(out: torch.Tensor, y: torch.Tensor, idx: torch.T
             return t.stride(3) if h == 1 else t.stride(2)
         return t.stride(3) if t.stride(2) == w * t.stride(3) else None
 
-    flat = plane_stride(out) is not None and plane_stride(y) is not None
+    ys = out if y is None else y  # (y's pointer and strides are unused without a residual)
+    flat = plane_stride(out) is not None and plane_stride(ys) is not None
     so = (out.stride(1), out.stride(2), plane_stride(out) if flat else out.stride(3), out.stride(0))
-    sy = (y.stride(1), y.stride(2), plane_stride(y) if flat else y.stride(3), y.stride(0))
+    sy = (ys.stride(1), ys.stride(2), plane_stride(ys) if flat else ys.stride(3), ys.stride(0))
     block_hw = min(256, max(16, _next_pow2(hw)))
     block_c = min(max(16, _next_pow2(c)), max(16, 4096 // block_hw))
     grid = (count, min(triton.cdiv(c, block_c), _MAX_GRID_Y))
     if grid[1] * block_c < c:
         raise ValueError(f"{name}: C = {c} is too large for one launch")
     _wrap_triton(_scatter_residual_relu_pool_kernel)[grid](
-        out, y, rows.contiguous(), pooled, n, c, w, hw, count, *so, *sy,
+        out, ys, pooled if rows is None else rows, pooled, n, c, w, hw, count, *so, *sy,
         BLOCK_C=block_c, BLOCK_HW=block_hw, FLAT_HW=flat,
         ACC_DTYPE=tl.float64 if out.dtype == torch.float64 else tl.float32,
         UPCAST=out.dtype in (torch.float16, torch.bfloat16), SOFT_BF16=_soft_bf16(out.dtype),
+        HAS_Y=y is not None, HAS_IDX=rows is not None,
         num_warps=4,
     )
-    return None
 
 
 def downsample_b(x: torch.Tensor, out_channels: int) -> torch.Tensor:

@@ -19,7 +19,7 @@ VENV="${DYNEXEC_CUDA_VENV:-$HOME/.cache/dynexec/cuda-venv}"
 TORCH_SPEC="${DYNEXEC_CUDA_TORCH:-torch==2.14.1}"
 ARCHS=(80 90)
 KERNELS=(partition_kernel gather_kernel scatter_residual_relu_kernel downsample_b_kernel
-         scatter_residual_relu_pool_kernel recurrent_gate_step_kernel)
+         scatter_residual_relu_pool_kernel recurrent_gate_step_kernel relu_pool_inplace_kernel)
 
 log() { echo "[check_cuda_build] $*"; }
 fail() {
@@ -114,7 +114,7 @@ want = tuple(int(p) for p in sys.argv[1].split(".")[:2])
 print(f"[check_cuda_build] torch.ops.dynexec.cuda_version() = {v}; torch.version.cuda = {sys.argv[1]}")
 assert (v // 1000, (v % 1000) // 10) == want, "CUDA version mismatch"
 OPS = ("partition", "gather_rows", "scatter_residual_relu_", "downsample_b",
-       "scatter_residual_relu_pool_", "recurrent_gate_step")
+       "scatter_residual_relu_pool_", "recurrent_gate_step", "relu_pool_")
 for op in OPS:
     for key in ("CPU", "CUDA"):
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"dynexec::{op}", key), (op, key)

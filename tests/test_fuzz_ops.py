@@ -114,6 +114,13 @@ CASES = {
                        lambda: _pool_args(_x(), (3, 3, 2, 2), [0, 2, 2], torch.zeros(5, 3)), r"duplicate|distinct"),
     "pool_idx_too_large": ("scatter_residual_relu_pool_",
                            lambda: _pool_args(_x(), (2, 3, 2, 2), [0, 5], torch.zeros(5, 3)), OUT_OF_RANGE),
+    "relu_pool_pooled_shape": ("relu_pool_", lambda: (_x(), torch.zeros(5, 2)), r"pooled.*shape"),
+    "relu_pool_pooled_dtype": ("relu_pool_", lambda: (_x(), torch.zeros(5, 3, dtype=torch.float64)),
+                               r"pooled.*dtype"),
+    "relu_pool_pooled_strided": ("relu_pool_", lambda: (_x(), torch.zeros(3, 5).t()), r"contiguous"),
+    "relu_pool_x_3d": ("relu_pool_", lambda: (torch.randn(5, 3, 4), torch.zeros(5, 3)), r"4-D"),
+    "relu_pool_int_x": ("relu_pool_", lambda: (torch.zeros(5, 3, 2, 2, dtype=torch.int64),
+                                               torch.zeros(5, 3, dtype=torch.int64)), r"floating|dtype"),
     "downsample_not_multiple": ("downsample_b", lambda: (torch.randn(2, 4, 8, 8), 6), r"multiple"),
     "downsample_zero_channels": ("downsample_b", lambda: (torch.randn(2, 4, 8, 8), 0), r"multiple"),
     "downsample_negative": ("downsample_b", lambda: (torch.randn(2, 4, 8, 8), -4), r"multiple"),
@@ -140,7 +147,7 @@ def test_bad_arguments_raise_clear_errors(backend, case):
     op = getattr(ops, op_name)
     args = build()
     mutated = [a for a in args if isinstance(a, torch.Tensor) and a.is_floating_point()]
-    before = [a.clone() for a in mutated] if op_name.startswith("scatter") else []
+    before = [a.clone() for a in mutated] if op_name.endswith("_") else []
     with pytest.raises(ERRORS, match=pattern):
         op(*args)
     for a, b in zip(mutated, before):  # a rejected scatter leaves out (and pooled) untouched
@@ -241,6 +248,40 @@ def _fuzz_scatter_pool(backend, case, y_extra):
     torch.testing.assert_close(got[1], expected[1], rtol=tol, atol=tol, equal_nan=True)
 
 
+@st.composite
+def relu_pool_case(draw, max_n=6):
+    """x of any 4-D shape (N and H * W may be 0), dtype and layout (NCHW, channels_last,
+    a channel slice), with NaN / Inf / -0.0 sprinkled in, and a pooled that may be wrong."""
+    n = draw(st.integers(0, max_n))
+    chw = draw(st.sampled_from([(3, 2, 2), (1, 1, 1), (2, 1, 3), (4, 3, 1), (2, 0, 3)]))
+    dtype = draw(st.sampled_from([torch.float32, torch.float64, torch.float16, torch.bfloat16]))
+    layout = draw(st.sampled_from(["contiguous", "channels_last", "slice"]))
+    pooled_shape = draw(st.sampled_from([(n, chw[0])] * 4 + [(n, chw[0] + 1), (n + 1, chw[0])]))
+    return n, chw, dtype, layout, pooled_shape, draw(st.integers(0, 2 ** 16))
+
+
+def _fuzz_relu_pool(backend, case):
+    n, chw, dtype, layout, pooled_shape, seed = case
+    gen = torch.Generator().manual_seed(seed)
+    full = torch.randn((n, 2 * chw[0], *chw[1:]), generator=gen)
+    special = torch.tensor([float("nan"), float("inf"), -float("inf"), -0.0, 0.0])
+    pick = torch.randint(0, 12, full.shape, generator=gen)
+    full = torch.where(pick < 5, special[pick.clamp(max=4)], full).to(dtype)
+    x = {"contiguous": full[:, :chw[0]].contiguous(), "slice": full[:, ::2],
+         "channels_last": full[:, :chw[0]].contiguous(memory_format=torch.channels_last)}[layout]
+    pooled = torch.full(pooled_shape, -7.0, dtype=dtype)
+    expected, got = (x.clone(), pooled.clone()), (x.clone(), pooled.clone())
+    ok_ref, r = _outcome(lambda: ref.relu_pool_(*expected))
+    ok, e = _outcome(lambda: IMPLS[backend].relu_pool_(*got))
+    assert ok == ok_ref, f"{backend}: {'raised ' + repr(e) if not ok else 'no error'}; reference: {r!r}"
+    if not ok:  # rejected: nothing modified (NaN-aware comparison)
+        _same(got[0], x)
+        _same(got[1], pooled)
+    _same(got[0], expected[0])
+    tol = 1e-5 if dtype in (torch.float32, torch.float64) else 1e-2
+    torch.testing.assert_close(got[1], expected[1], rtol=tol, atol=tol, equal_nan=True)
+
+
 def _fuzz_downsample(backend, n, c, h, w, out_channels, seed):
     x = torch.randn((n, c, h, w), generator=torch.Generator().manual_seed(seed))
     ok_ref, r = _outcome(lambda: ref.downsample_b(x, out_channels))
@@ -282,6 +323,13 @@ def test_fuzz_scatter_pool_native(case, y_extra):
 
 
 @pytest.mark.skipif(IMPLS["native"] is None, reason="native extension not available")
+@_settings(300)
+@given(relu_pool_case())
+def test_fuzz_relu_pool_native(case):
+    _fuzz_relu_pool("native", case)
+
+
+@pytest.mark.skipif(IMPLS["native"] is None, reason="native extension not available")
 @_settings(400)
 @given(**_downsample_args)
 def test_fuzz_downsample_native(n, c, h, w, out_channels, seed):
@@ -318,6 +366,13 @@ def test_fuzz_scatter_triton(case, y_extra):
 @given(pool_case(max_n=5), st.integers(0, 2))
 def test_fuzz_scatter_pool_triton(case, y_extra):
     _fuzz_scatter_pool("triton", case, y_extra)
+
+
+@pytest.mark.skipif(IMPLS["triton"] is None, reason="Triton (interpreter) not available")
+@_settings(60)
+@given(relu_pool_case(max_n=4))
+def test_fuzz_relu_pool_triton(case):
+    _fuzz_relu_pool("triton", case)
 
 
 @pytest.mark.skipif(IMPLS["triton"] is None, reason="Triton (interpreter) not available")

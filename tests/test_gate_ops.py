@@ -1,4 +1,4 @@
-"""Tests of the SkipNet gate ops, scatter_residual_relu_pool_ and recurrent_gate_step, on
+"""Tests of the SkipNet gate ops, scatter_residual_relu_pool_, relu_pool_ and recurrent_gate_step, on
 every backend available here (native C++, Triton under the interpreter, the torch
 reference), against simple independent references computed in float64 on fresh seeded
 random data: all counts (none, one, some, all), odd sizes, NCHW / channels_last /
@@ -200,6 +200,125 @@ def test_scatter_pool_bad_arguments(name, case):
         assert torch.equal(args[k], v), f"a rejected call modified {k}"
 
 
+# ------------------------------------------------------------------ relu_pool_
+def expected_relu_pool(x):
+    """x with its negative entries set to 0 (NaN and -0.0 kept) and the float64 mean of
+    each new (n, c) plane, rounded once to x's dtype."""
+    new = x.clone()
+    new[new < 0] = 0
+    return new, new.double().mean(dim=(2, 3)).to(x.dtype)
+
+
+def check_relu_pool(ops, x):
+    want_x, want_pooled = expected_relu_pool(x)
+    pooled = torch.full(x.shape[:2], -7.0, dtype=x.dtype)
+    ptr, strides = x.data_ptr(), x.stride()
+    assert ops.relu_pool_(x, pooled) is None
+    assert x.data_ptr() == ptr and x.stride() == strides  # in place
+    torch.testing.assert_close(x, want_x, rtol=0, atol=0, equal_nan=True)
+    keep = ~torch.isnan(want_x)
+    assert torch.equal(torch.signbit(x)[keep], torch.signbit(want_x)[keep])  # -0.0 stays -0.0
+    assert pooled.is_contiguous() and pooled.shape == x.shape[:2]
+    torch.testing.assert_close(pooled, want_pooled, equal_nan=True, **_tol(x.dtype))
+
+
+RELU_POOL_SHAPES = [(0, 3, 4, 4), (1, 3, 5, 5), (7, 5, 3, 9), (8, 16, 8, 8), (5, 4, 1, 1),
+                    (3, 17, 2, 3), (9, 2, 4, 1)]
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("layout", LAYOUTS + ["permuted"])
+def test_relu_pool_matches_reference(name, dtype, layout):
+    ops = backend(name)
+    for k, shape in enumerate(RELU_POOL_SHAPES):
+        if layout == "permuted":  # a view of a [C, N, W, H] tensor: no dense rows at all
+            n, c, h, w = shape
+            x = torch.randn((c, n, w, h), generator=_gen(k), dtype=dtype).permute(1, 0, 3, 2)
+        else:
+            x = make_out(shape, dtype, layout, seed=100 + k)
+        check_relu_pool(ops, x)
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "slice"])
+def test_relu_pool_low_precision(name, dtype, layout):
+    check_relu_pool(backend(name), make_out((6, 5, 4, 3), dtype, layout, seed=11))
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_relu_pool_special_values(name, dtype, layout):
+    """NaN stays NaN in x and makes its plane's mean NaN; +-Inf, -0.0 as torch.relu_."""
+    ops = backend(name)
+    x = torch.randn((3, 4, 3, 5), generator=_gen(12), dtype=torch.float64)
+    x[0, 0, 1, 2] = float("nan")
+    x[0, 1, 0, 0] = float("inf")
+    x[0, 2, 2, 4] = -float("inf")
+    x[1, :, 0, :] = -0.0
+    x[2, 3] = -0.0  # a whole plane of -0.0: mean 0
+    x = x.to(dtype)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=CL)
+    composite = x.clone()
+    check_relu_pool(ops, x)
+    assert torch.isnan(x[0, 0, 1, 2])
+    torch.relu_(composite)  # the ops it replaces, for the record
+    torch.testing.assert_close(x, composite, rtol=0, atol=0, equal_nan=True)
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_relu_pool_stage_shape(name, layout):
+    """SkipNet's stage-1 block output at batch 64 (H * W = 1024 values per mean)."""
+    check_relu_pool(backend(name), make_out((64, 16, 32, 32), torch.float32, layout, seed=13))
+
+
+def test_relu_pool_native_threads_and_empty_planes():
+    ops = backend("native")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)  # enough work for at::parallel_for to split it
+    try:
+        for layout in ("contiguous", "channels_last", "slice"):
+            check_relu_pool(ops, make_out((48, 24, 16, 16), torch.float32, layout, seed=14))
+    finally:
+        torch.set_num_threads(threads)
+    pooled = torch.zeros(4, 3)
+    ops.relu_pool_(torch.randn(4, 3, 0, 5), pooled)  # H * W == 0: NaN means, as in torch
+    assert torch.isnan(pooled).all()
+
+
+RELU_POOL_ERRORS = {
+    "pooled_shape": (dict(pooled=torch.zeros(5, 4)), r"pooled.*shape.*\[5, 3\].*\[5, 4\]"),
+    "pooled_rows": (dict(pooled=torch.zeros(4, 3)), r"pooled.*shape.*\[5, 3\].*\[4, 3\]"),
+    "pooled_3d": (dict(pooled=torch.zeros(5, 3, 1)), r"pooled.*shape.*\[5, 3\].*\[5, 3, 1\]"),
+    "pooled_dtype": (dict(pooled=torch.zeros(5, 3, dtype=torch.float64)),
+                     r"pooled.*dtype.*(Float|float32).*(Double|float64)"),
+    "pooled_strided": (dict(pooled=torch.zeros(3, 5).t()), r"contiguous.*strides"),
+    "pooled_meta": (dict(pooled=torch.zeros(5, 3, device="meta")), r"device|meta"),
+    "x_3d": (dict(x=torch.randn(5, 3, 4)), r"4-D.*5, 3, 4"),
+    "x_int": (dict(x=torch.ones(5, 3, 4, 4, dtype=torch.int32),
+                   pooled=torch.zeros(5, 3, dtype=torch.int32)), r"floating|float32.*int32"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(RELU_POOL_ERRORS))
+@pytest.mark.parametrize("name", BACKENDS)
+def test_relu_pool_bad_arguments(name, case):
+    """A clear error naming what was expected and what was given; nothing is modified."""
+    ops = backend(name)
+    override, pattern = RELU_POOL_ERRORS[case]
+    args = dict(x=torch.randn(5, 3, 4, 4), pooled=torch.zeros(5, 3))
+    args.update(override)
+    before = {k: v.clone() for k, v in args.items() if v.device.type != "meta"}
+    with pytest.raises(ERRORS, match=pattern):
+        ops.relu_pool_(**args)
+    for k, v in before.items():
+        assert torch.equal(args[k], v), f"a rejected call modified {k}"
+
+
 # ------------------------------------------------------------------ recurrent_gate_step
 def gate_args(n, c, e, h, dtype, seed):
     """Arguments at the scale of a trained gate: pooled >= 0 (means of ReLU outputs), weights
@@ -324,25 +443,34 @@ def _opcheck_samples():
     yield "scatter_residual_relu_pool_", (out.clone(), torch.randn(0, 3, 4, 6), idx, 0, torch.zeros(5, 3))
     yield "recurrent_gate_step", tuple(gate_args(6, 8, 4, 3, torch.float32, seed=5))
     yield "recurrent_gate_step", tuple(gate_args(0, 8, 4, 3, torch.float64, seed=6))
+    x = torch.randn(5, 3, 4, 6)
+    yield "relu_pool_", (x.clone(), torch.zeros(5, 3))
+    yield "relu_pool_", (x.contiguous(memory_format=CL), torch.zeros(5, 3))
+    yield "relu_pool_", (torch.randn(6, 4, 3, 3, dtype=torch.float64)[:, ::2], torch.zeros(6, 2, dtype=torch.float64))
+    yield "relu_pool_", (torch.randn(0, 3, 4, 6), torch.zeros(0, 3))
 
 
-@pytest.mark.parametrize("i", range(5))
+OPCHECK_SAMPLES = list(_opcheck_samples())
+
+
+@pytest.mark.parametrize("i", range(len(OPCHECK_SAMPLES)))
 def test_opcheck_native(i):
     backend("native")
-    name, args = list(_opcheck_samples())[i]
+    name, args = OPCHECK_SAMPLES[i]
     torch.library.opcheck(getattr(torch.ops.dynexec, name).default, args)
 
 
-def test_opcheck_triton():
+@pytest.mark.parametrize("i", [0, 5, 6, 7, 8])
+def test_opcheck_triton(i):
     backend("triton")
-    name, args = list(_opcheck_samples())[0]
-    torch.library.opcheck(torch.ops.dynexec.triton_scatter_residual_relu_pool_, args)
+    name, args = OPCHECK_SAMPLES[i]
+    torch.library.opcheck(getattr(torch.ops.dynexec, f"triton_{name}"), args)
 
 
 def test_pool_kernel_compiles_to_ptx_for_sm80():
     """The real (non-interpreted) Triton compiler takes the pool kernel down to PTX for an
     A100 target in a subprocess (no GPU needed): fp32/bf16 with a flat (h, w) plane,
-    fp64/fp16 through (h, w) strides. Skipped if this triton has no NVIDIA backend."""
+    fp64/fp16 through (h, w) strides, and relu_pool_'s variant (no y, no idx). Skipped if this triton has no NVIDIA backend."""
     code = textwrap.dedent(
         """
         import importlib.util, os, sys
@@ -363,13 +491,16 @@ def test_pool_kernel_compiles_to_ptx_for_sm80():
         from dynexec.kernels import regroup as rg
         assert rg.__file__.startswith(kernels), rg.__file__
         ints = ["N", "C", "W", "HW", "count", "soc", "soh", "sow", "son", "syc", "syh", "syw", "syn"]
-        consts = ["BLOCK_C", "BLOCK_HW", "FLAT_HW", "ACC_DTYPE", "UPCAST", "SOFT_BF16"]
-        for dt, flat in (("fp32", True), ("bf16", True), ("fp64", False), ("fp16", False)):
+        consts = ["BLOCK_C", "BLOCK_HW", "FLAT_HW", "ACC_DTYPE", "UPCAST", "SOFT_BF16", "HAS_Y", "HAS_IDX"]
+        # the scatter's variant (HAS_Y, HAS_IDX) and relu_pool_'s (neither)
+        for dt, flat, has in (("fp32", True, True), ("bf16", True, True), ("fp64", False, True),
+                              ("fp16", False, True), ("fp32", True, False), ("bf16", False, False)):
             sig = {"out_ptr": "*" + dt, "y_ptr": "*" + dt, "idx_ptr": "*i64", "pooled_ptr": "*" + dt}
             sig.update({a: "i32" for a in ints})
             sig.update({a: "constexpr" for a in consts})
             values = {"BLOCK_C": 16, "BLOCK_HW": 256, "FLAT_HW": flat, "UPCAST": dt in ("fp16", "bf16"),
-                      "ACC_DTYPE": tl.float64 if dt == "fp64" else tl.float32, "SOFT_BF16": False}
+                      "ACC_DTYPE": tl.float64 if dt == "fp64" else tl.float32, "SOFT_BF16": False,
+                      "HAS_Y": has, "HAS_IDX": has}
             src = ASTSource(fn=rg._scatter_residual_relu_pool_kernel, signature=sig, constexprs=values)
             try:
                 ptx = triton.compile(src, target=GPUTarget("cuda", 80, 32), options={"num_warps": 4}).asm["ptx"]

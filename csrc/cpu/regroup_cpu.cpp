@@ -1,5 +1,5 @@
-// CPU kernels of partition, gather_rows, scatter_residual_relu_ and
-// scatter_residual_relu_pool_.
+// CPU kernels of partition, gather_rows, scatter_residual_relu_,
+// scatter_residual_relu_pool_ and relu_pool_.
 //
 // gather_rows / scatter_residual_relu_ work on rows: for NCHW-contiguous and
 // channels_last tensors every sample x[n] is one dense block, so a gathered row is a
@@ -7,7 +7,8 @@
 // split over count*row_len elements (not just rows) so that a handful of very large
 // rows still uses every thread. scatter_residual_relu_pool_ adds the per-channel mean
 // to that pass; its work is split over whole channel planes (NCHW) or whole rows
-// (channels_last), so that every sum is computed by one thread.
+// (channels_last), so that every sum is computed by one thread. relu_pool_ is the same
+// pass without y (x = relu(x) in place) over all rows.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -159,8 +160,9 @@ void scatter_residual_relu_cpu(const at::Tensor& out_, const at::Tensor& y_, con
 }
 
 // ------------------------------------------------------------------ scatter + pool
-// o[j] = relu(s[j] + o[j]) for j < len; returns the acc_t sum of the new o[j].
-template <typename scalar_t, typename acc_t>
+// o[j] = relu(s[j] + o[j]) (kResidual) or relu(o[j]) (s unused) for j < len; returns
+// the acc_t sum of the new o[j].
+template <bool kResidual, typename scalar_t, typename acc_t>
 DYNEXEC_CPU_CLONES acc_t scatter_plane_sum(scalar_t* __restrict__ o, const scalar_t* __restrict__ s,
                                            int64_t len) {
   // Independent partial sums: the compiler may not reorder one running float sum, but
@@ -170,14 +172,14 @@ DYNEXEC_CPU_CLONES acc_t scatter_plane_sum(scalar_t* __restrict__ o, const scala
   int64_t j = 0;
   for (; j + kLanes <= len; j += kLanes) {
     for (int64_t k = 0; k < kLanes; ++k) {
-      const scalar_t v = im::relu_add<scalar_t>(o[j + k], s[j + k]);
+      const scalar_t v = im::pool_update<kResidual>(o[j + k], s, j + k);
       o[j + k] = v;
       lanes[k] += static_cast<acc_t>(v);
     }
   }
   acc_t sum = acc_t(0);
   for (; j < len; ++j) {
-    const scalar_t v = im::relu_add<scalar_t>(o[j], s[j]);
+    const scalar_t v = im::pool_update<kResidual>(o[j], s, j);
     o[j] = v;
     sum += static_cast<acc_t>(v);
   }
@@ -185,10 +187,11 @@ DYNEXEC_CPU_CLONES acc_t scatter_plane_sum(scalar_t* __restrict__ o, const scala
   return sum;
 }
 
-// One channels_last row ([HW, C]): o = relu(s + o) and pooled_row[c] = the mean of the
-// new o[:, c]. Four sets of C sums (`acc`, 4 * C scratch values) take the positions in
-// turn, so that the adds of consecutive positions do not wait for each other.
-template <typename scalar_t, typename acc_t>
+// One channels_last row ([HW, C]): o = relu(s + o) (relu(o) unless kResidual) and
+// pooled_row[c] = the mean of the new o[:, c]. Four sets of C sums (`acc`, 4 * C scratch
+// values) take the positions in turn, so that the adds of consecutive positions do not
+// wait for each other.
+template <bool kResidual, typename scalar_t, typename acc_t>
 DYNEXEC_CPU_CLONES void scatter_pool_row_cl(scalar_t* __restrict__ o,
                                             const scalar_t* __restrict__ s, int64_t C, int64_t HW,
                                             acc_t* __restrict__ acc,
@@ -199,7 +202,7 @@ DYNEXEC_CPU_CLONES void scatter_pool_row_cl(scalar_t* __restrict__ o,
     acc_t* __restrict__ a = acc + (p % kSets) * C;
     const int64_t off = im::row_plane_offset(0, p, C, HW, true);
     for (int64_t c = 0; c < C; ++c) {
-      const scalar_t v = im::relu_add<scalar_t>(o[off + c], s[off + c]);
+      const scalar_t v = im::pool_update<kResidual>(o[off + c], s, off + c);
       o[off + c] = v;
       a[c] += static_cast<acc_t>(v);
     }
@@ -211,18 +214,20 @@ DYNEXEC_CPU_CLONES void scatter_pool_row_cl(scalar_t* __restrict__ o,
 }
 
 // For r < count: out row o_row = (out_rows ? out_rows[r] : r) becomes
-// relu(y[r] + out[o_row]) and pooled[pool_rows[r], c] the mean of its channel c.
+// relu(y[r] + out[o_row]) (relu(out[o_row]) if y is undefined) and
+// pooled[pool_rows ? pool_rows[r] : r, c] the mean of its channel c.
 // out and y rows are dense with the same in-row layout (NCHW or channels_last).
-void fused_scatter_pool_rows(at::Tensor& out, const at::Tensor& y, const int64_t* out_rows,
-                             const int64_t* pool_rows, int64_t count, bool channels_last,
-                             at::Tensor& pooled) {
+template <bool kResidual>
+void fused_pool_rows(at::Tensor& out, const at::Tensor& y, const int64_t* out_rows,
+                     const int64_t* pool_rows, int64_t count, bool channels_last,
+                     at::Tensor& pooled) {
   const int64_t C = out.size(1), HW = out.size(2) * out.size(3);
-  const int64_t o_bstride = out.stride(0), y_bstride = y.stride(0);
+  const int64_t o_bstride = out.stride(0), y_bstride = kResidual ? y.stride(0) : 0;
   AT_DISPATCH_FLOATING_TYPES_AND2(
-      at::kHalf, at::kBFloat16, out.scalar_type(), "dynexec_scatter_residual_relu_pool_cpu", [&] {
+      at::kHalf, at::kBFloat16, out.scalar_type(), "dynexec_pool_rows_cpu", [&] {
         using acc_t = at::opmath_type<scalar_t>;
         scalar_t* op = out.data_ptr<scalar_t>();
-        const scalar_t* yp = y.const_data_ptr<scalar_t>();
+        const scalar_t* yp = kResidual ? y.const_data_ptr<scalar_t>() : nullptr;
         scalar_t* pp = pooled.data_ptr<scalar_t>();
         if (!channels_last) {
           // One task = one channel plane (r, c): HW contiguous elements, one sum.
@@ -232,10 +237,10 @@ void fused_scatter_pool_rows(at::Tensor& out, const at::Tensor& y, const int64_t
               const int64_t r = t / C, c = t % C;
               const int64_t o_row = out_rows ? out_rows[r] : r;
               const int64_t off = im::row_plane_offset(c, 0, C, HW, false);
-              const acc_t sum = scatter_plane_sum<scalar_t, acc_t>(
+              const acc_t sum = scatter_plane_sum<kResidual, scalar_t, acc_t>(
                   op + im::row_element_offset(o_row, o_bstride, off),
-                  yp + im::row_element_offset(r, y_bstride, off), HW);
-              pp[im::pooled_offset(pool_rows[r], c, C)] =
+                  kResidual ? yp + im::row_element_offset(r, y_bstride, off) : nullptr, HW);
+              pp[im::pooled_offset(pool_rows ? pool_rows[r] : r, c, C)] =
                   im::plane_mean<scalar_t, acc_t>(sum, HW);
             }
           });
@@ -246,10 +251,10 @@ void fused_scatter_pool_rows(at::Tensor& out, const at::Tensor& y, const int64_t
         at::parallel_for(0, count, grain, [&](int64_t begin, int64_t end) {
           std::vector<acc_t> acc(static_cast<size_t>(4 * C));
           for (int64_t r = begin; r < end; ++r) {
-            scatter_pool_row_cl<scalar_t, acc_t>(
+            scatter_pool_row_cl<kResidual, scalar_t, acc_t>(
                 op + im::row_element_offset(out_rows ? out_rows[r] : r, o_bstride, 0),
-                yp + im::row_element_offset(r, y_bstride, 0), C, HW, acc.data(),
-                pp + im::pooled_offset(pool_rows[r], 0, C));
+                kResidual ? yp + im::row_element_offset(r, y_bstride, 0) : nullptr, C, HW,
+                acc.data(), pp + im::pooled_offset(pool_rows ? pool_rows[r] : r, 0, C));
           }
         });
       });
@@ -275,15 +280,34 @@ void scatter_residual_relu_pool_cpu(const at::Tensor& out_, const at::Tensor& y_
   at::Tensor y = y_.narrow(0, 0, count);
   if (dense) {
     if (!rows_dense(y, fmt)) y = y.contiguous(fmt);
-    fused_scatter_pool_rows(out, y, ip, ip, count, fmt == at::MemoryFormat::ChannelsLast, pooled);
+    fused_pool_rows<true>(out, y, ip, ip, count, fmt == at::MemoryFormat::ChannelsLast, pooled);
     return;
   }
   // out's rows are not dense: as in scatter_residual_relu_cpu, fuse on a dense copy of
   // the selected rows and write them back into out itself.
   at::Tensor rows = out.index_select(0, idx).contiguous();
   y = y.contiguous();
-  fused_scatter_pool_rows(rows, y, nullptr, ip, count, false, pooled);
+  fused_pool_rows<true>(rows, y, nullptr, ip, count, false, pooled);
   out.index_copy_(0, idx, rows);
+}
+
+// ------------------------------------------------------------------ relu + pool
+void relu_pool_cpu(const at::Tensor& x_, const at::Tensor& pooled_) {
+  at::Tensor x = x_;
+  at::Tensor pooled = pooled_;
+  check_relu_pool_args(x, pooled);
+  // (H * W == 0 still writes pooled: the mean of nothing is NaN, as in torch)
+  if (x.size(0) == 0 || x.size(1) == 0) return;
+  at::MemoryFormat fmt;
+  if (find_dense_row_format(x, fmt)) {
+    fused_pool_rows<false>(x, at::Tensor(), nullptr, nullptr, x.size(0),
+                           fmt == at::MemoryFormat::ChannelsLast, pooled);
+    return;
+  }
+  // x's rows are not dense: fuse on a dense copy, then write it back into x itself.
+  at::Tensor dense = x.contiguous();
+  fused_pool_rows<false>(dense, at::Tensor(), nullptr, nullptr, x.size(0), false, pooled);
+  x.copy_(dense);
 }
 
 }  // namespace
@@ -294,4 +318,5 @@ TORCH_LIBRARY_IMPL(dynexec, CPU, m) {
   m.impl("gather_rows", &dynexec::gather_rows_cpu);
   m.impl("scatter_residual_relu_", &dynexec::scatter_residual_relu_cpu);
   m.impl("scatter_residual_relu_pool_", &dynexec::scatter_residual_relu_pool_cpu);
+  m.impl("relu_pool_", &dynexec::relu_pool_cpu);
 }

@@ -1,5 +1,5 @@
-// CUDA kernels of partition, gather_rows, scatter_residual_relu_ and
-// scatter_residual_relu_pool_.
+// CUDA kernels of partition, gather_rows, scatter_residual_relu_,
+// scatter_residual_relu_pool_ and relu_pool_.
 //
 // * All kernels run on the current stream with grid-stride loops.
 // * gather / scatter move rows in 16-byte vectors when the row length, the batch
@@ -13,6 +13,7 @@
 // * scatter_residual_relu_pool_ runs one block per row: the block updates the row and
 //   reduces each channel's new values (a warp per channel plane for NCHW rows; for
 //   channels_last rows, threads on adjacent channels plus a shared-memory reduction).
+//   relu_pool_ is the same kernel without y (x = relu(x) in place) over all rows.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -230,28 +231,29 @@ void scatter_residual_relu_cuda(const at::Tensor& out_, const at::Tensor& y_, co
 
 // ------------------------------------------------------------------------ scatter + pool
 // Block r (grid-stride over rows): out row o_row = (out_rows ? out_rows[r] : r) becomes
-// relu(y[r] + out[o_row]) and pooled[pool_rows[r], c] the mean of its channel c. Rows of
-// out and y are dense with the same in-row layout (kChannelsLast: [HW, C], else [C, HW]).
-template <typename T, bool kChannelsLast>
-__global__ void scatter_residual_relu_pool_kernel(T* __restrict__ out, const T* __restrict__ y,
-                                                  const int64_t* __restrict__ out_rows,
-                                                  const int64_t* __restrict__ pool_rows,
-                                                  int64_t count, int64_t C, int64_t HW,
-                                                  int64_t out_bstride, int64_t y_bstride,
-                                                  int64_t out_n, int64_t pooled_n,
-                                                  T* __restrict__ pooled) {
+// relu(y[r] + out[o_row]) (kResidual) or relu(out[o_row]) (y unused), and
+// pooled[pool_rows ? pool_rows[r] : r, c] the mean of its channel c. Rows of out and y
+// are dense with the same in-row layout (kChannelsLast: [HW, C], else [C, HW]).
+template <typename T, bool kChannelsLast, bool kResidual>
+__device__ __forceinline__ void pool_rows_body(T* __restrict__ out, const T* __restrict__ y,
+                                               const int64_t* __restrict__ out_rows,
+                                               const int64_t* __restrict__ pool_rows,
+                                               int64_t count, int64_t C, int64_t HW,
+                                               int64_t out_bstride, int64_t y_bstride,
+                                               int64_t out_n, int64_t pooled_n,
+                                               T* __restrict__ pooled) {
   using acc_t = at::opmath_type<T>;
   extern __shared__ unsigned char smem[];
   acc_t* part = reinterpret_cast<acc_t*>(smem);  // [blockDim.x] (channels_last only)
   const int t = threadIdx.x;
   for (int64_t r = blockIdx.x; r < count; r += gridDim.x) {
-    const int64_t prow = pool_rows[r];
+    const int64_t prow = pool_rows ? pool_rows[r] : r;
     const int64_t orow = out_rows ? out_rows[r] : r;
     CUDA_KERNEL_ASSERT(im::index_in_range(prow, pooled_n) && im::index_in_range(orow, out_n) &&
-                       "dynexec::scatter_residual_relu_pool_: idx out of range");
+                       "dynexec::scatter_residual_relu_pool_/relu_pool_: idx out of range");
     if (!im::index_in_range(prow, pooled_n) || !im::index_in_range(orow, out_n)) continue;
     T* o = out + im::row_element_offset(orow, out_bstride, 0);
-    const T* s = y + im::row_element_offset(r, y_bstride, 0);
+    const T* s = kResidual ? y + im::row_element_offset(r, y_bstride, 0) : nullptr;
     if (kChannelsLast) {
       // A pass covers `cpt` adjacent channels (coalesced) and `slices` positions at once;
       // each thread sums its slice, then the slices are added in shared memory.
@@ -264,7 +266,7 @@ __global__ void scatter_residual_relu_pool_kernel(T* __restrict__ out, const T* 
         if (slice < slices && c < C) {
           for (int64_t p = slice; p < HW; p += slices) {
             const int64_t off = im::row_plane_offset(c, p, C, HW, true);
-            const T v = im::relu_add<T>(o[off], s[off]);
+            const T v = im::pool_update<kResidual>(o[off], s, off);
             o[off] = v;
             acc += static_cast<acc_t>(v);
           }
@@ -286,7 +288,7 @@ __global__ void scatter_residual_relu_pool_kernel(T* __restrict__ out, const T* 
         acc_t acc = acc_t(0);
         for (int64_t p = lane; p < HW; p += C10_WARP_SIZE) {
           const int64_t off = im::row_plane_offset(c, p, C, HW, false);
-          const T v = im::relu_add<T>(o[off], s[off]);
+          const T v = im::pool_update<kResidual>(o[off], s, off);
           o[off] = v;
           acc += static_cast<acc_t>(v);
         }
@@ -297,27 +299,63 @@ __global__ void scatter_residual_relu_pool_kernel(T* __restrict__ out, const T* 
   }
 }
 
-void fused_scatter_pool_rows_cuda(at::Tensor& out, const at::Tensor& y, const int64_t* out_rows,
-                                  const int64_t* pool_rows, int64_t count, bool channels_last,
-                                  at::Tensor& pooled) {
+// The two ops' kernels (distinct names, so each can be found in the binary).
+template <typename T, bool kChannelsLast>
+__global__ void scatter_residual_relu_pool_kernel(T* __restrict__ out, const T* __restrict__ y,
+                                                  const int64_t* __restrict__ out_rows,
+                                                  const int64_t* __restrict__ pool_rows,
+                                                  int64_t count, int64_t C, int64_t HW,
+                                                  int64_t out_bstride, int64_t y_bstride,
+                                                  int64_t out_n, int64_t pooled_n,
+                                                  T* __restrict__ pooled) {
+  pool_rows_body<T, kChannelsLast, true>(out, y, out_rows, pool_rows, count, C, HW, out_bstride,
+                                         y_bstride, out_n, pooled_n, pooled);
+}
+template <typename T, bool kChannelsLast>
+__global__ void relu_pool_inplace_kernel(T* __restrict__ x, const T* __restrict__ unused_y,
+                                         const int64_t* __restrict__ unused_rows,
+                                         const int64_t* __restrict__ unused_pool_rows,
+                                         int64_t n, int64_t C, int64_t HW, int64_t x_bstride,
+                                         int64_t unused_y_bstride, int64_t x_n, int64_t pooled_n,
+                                         T* __restrict__ pooled) {
+  pool_rows_body<T, kChannelsLast, false>(x, nullptr, nullptr, nullptr, n, C, HW, x_bstride, 0,
+                                          x_n, pooled_n, pooled);
+}
+
+template <typename T, bool kChannelsLast, bool kResidual>
+constexpr auto pool_rows_kernel() {
+  if constexpr (kResidual) {
+    return &scatter_residual_relu_pool_kernel<T, kChannelsLast>;
+  } else {
+    return &relu_pool_inplace_kernel<T, kChannelsLast>;
+  }
+}
+
+template <bool kResidual>
+void fused_pool_rows_cuda(at::Tensor& out, const at::Tensor& y, const int64_t* out_rows,
+                          const int64_t* pool_rows, int64_t count, bool channels_last,
+                          at::Tensor& pooled) {
   const int64_t C = out.size(1), HW = out.size(2) * out.size(3);
   const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
   const int64_t blocks = std::max<int64_t>(1, std::min<int64_t>(count, sms * 16));
   auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(
-      at::kHalf, at::kBFloat16, out.scalar_type(), "dynexec_scatter_residual_relu_pool_cuda", [&] {
+      at::kHalf, at::kBFloat16, out.scalar_type(), "dynexec_pool_rows_cuda", [&] {
         using acc_t = at::opmath_type<scalar_t>;
+        const scalar_t* yp = kResidual ? y.const_data_ptr<scalar_t>() : nullptr;
+        const int64_t y_bstride = kResidual ? y.stride(0) : 0;
         if (channels_last) {
-          scatter_residual_relu_pool_kernel<scalar_t, true>
+          pool_rows_kernel<scalar_t, true, kResidual>()
               <<<blocks, kThreads, kThreads * sizeof(acc_t), stream>>>(
-                  out.data_ptr<scalar_t>(), y.const_data_ptr<scalar_t>(), out_rows, pool_rows,
-                  count, C, HW, out.stride(0), y.stride(0), out.size(0), pooled.size(0),
+                  out.data_ptr<scalar_t>(), yp, out_rows, pool_rows, count, C, HW,
+                  out.stride(0), y_bstride, out.size(0), pooled.size(0),
                   pooled.data_ptr<scalar_t>());
         } else {
-          scatter_residual_relu_pool_kernel<scalar_t, false><<<blocks, kThreads, 0, stream>>>(
-              out.data_ptr<scalar_t>(), y.const_data_ptr<scalar_t>(), out_rows, pool_rows, count,
-              C, HW, out.stride(0), y.stride(0), out.size(0), pooled.size(0),
-              pooled.data_ptr<scalar_t>());
+          pool_rows_kernel<scalar_t, false, kResidual>()
+              <<<blocks, kThreads, 0, stream>>>(out.data_ptr<scalar_t>(), yp, out_rows, pool_rows,
+                                                count, C, HW, out.stride(0), y_bstride,
+                                                out.size(0), pooled.size(0),
+                                                pooled.data_ptr<scalar_t>());
         }
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       });
@@ -339,16 +377,36 @@ void scatter_residual_relu_pool_cuda(const at::Tensor& out_, const at::Tensor& y
   at::Tensor y = y_.narrow(0, 0, count);
   if (dense) {
     if (!rows_dense(y, fmt)) y = y.contiguous(fmt);
-    fused_scatter_pool_rows_cuda(out, y, ip, ip, count, fmt == at::MemoryFormat::ChannelsLast,
-                                 pooled);
+    fused_pool_rows_cuda<true>(out, y, ip, ip, count, fmt == at::MemoryFormat::ChannelsLast,
+                               pooled);
     return;
   }
   // out's rows are not dense: fuse on a dense copy of the selected rows, then write them
   // back into out itself (pooled rows still go to idx).
   at::Tensor rows = out.index_select(0, idx).contiguous();
   y = y.contiguous();
-  fused_scatter_pool_rows_cuda(rows, y, nullptr, ip, count, false, pooled);
+  fused_pool_rows_cuda<true>(rows, y, nullptr, ip, count, false, pooled);
   out.index_copy_(0, idx, rows);
+}
+
+// ------------------------------------------------------------------------ relu + pool
+void relu_pool_cuda(const at::Tensor& x_, const at::Tensor& pooled_) {
+  at::Tensor x = x_;
+  at::Tensor pooled = pooled_;
+  check_relu_pool_args(x, pooled);
+  c10::cuda::CUDAGuard guard(x.device());
+  // (H * W == 0 still writes pooled: the mean of nothing is NaN, as in torch)
+  if (x.size(0) == 0 || x.size(1) == 0) return;
+  at::MemoryFormat fmt;
+  if (find_dense_row_format(x, fmt)) {
+    fused_pool_rows_cuda<false>(x, at::Tensor(), nullptr, nullptr, x.size(0),
+                                fmt == at::MemoryFormat::ChannelsLast, pooled);
+    return;
+  }
+  // x's rows are not dense: fuse on a dense copy, then write it back into x itself.
+  at::Tensor dense = x.contiguous();
+  fused_pool_rows_cuda<false>(dense, at::Tensor(), nullptr, nullptr, x.size(0), false, pooled);
+  x.copy_(dense);
 }
 
 }  // namespace
@@ -359,4 +417,5 @@ TORCH_LIBRARY_IMPL(dynexec, CUDA, m) {
   m.impl("gather_rows", &dynexec::gather_rows_cuda);
   m.impl("scatter_residual_relu_", &dynexec::scatter_residual_relu_cuda);
   m.impl("scatter_residual_relu_pool_", &dynexec::scatter_residual_relu_pool_cuda);
+  m.impl("relu_pool_", &dynexec::relu_pool_cuda);
 }

@@ -1,5 +1,5 @@
 """The op layer: partition / gather_rows / scatter_residual_relu_ / downsample_b, and
-for SkipNet's recurrent gate scatter_residual_relu_pool_ / recurrent_gate_step.
+for SkipNet's recurrent gate scatter_residual_relu_pool_ / relu_pool_ / recurrent_gate_step.
 
 Three backends implement the same contract (see ``dynexec.ops.reference``):
 
@@ -37,12 +37,14 @@ class Backend:
     downsample_b: Callable
     scatter_residual_relu_pool_: Callable
     recurrent_gate_step: Callable
+    relu_pool_: Callable
 
 
 def _torch_backend() -> Backend:
     return Backend("torch", reference.partition, reference.gather_rows,
                    reference.scatter_residual_relu_, reference.downsample_b,
-                   reference.scatter_residual_relu_pool_, reference.recurrent_gate_step)
+                   reference.scatter_residual_relu_pool_, reference.recurrent_gate_step,
+                   reference.relu_pool_)
 
 
 def _native_status(device: torch.device) -> tuple[bool, str]:
@@ -62,7 +64,8 @@ def _native_status(device: torch.device) -> tuple[bool, str]:
 def _native_backend() -> Backend:
     ops = torch.ops.dynexec
     return Backend("native", ops.partition, ops.gather_rows, ops.scatter_residual_relu_,
-                   ops.downsample_b, ops.scatter_residual_relu_pool_, ops.recurrent_gate_step)
+                   ops.downsample_b, ops.scatter_residual_relu_pool_, ops.recurrent_gate_step,
+                   ops.relu_pool_)
 
 
 def _triton_status(device: torch.device) -> tuple[bool, str]:
@@ -81,7 +84,7 @@ def _triton_status(device: torch.device) -> tuple[bool, str]:
 def _triton_backend() -> Backend:
     from ..kernels import ops as t
     return Backend("triton", t.partition, t.gather_rows, t.scatter_residual_relu_, t.downsample_b,
-                   t.scatter_residual_relu_pool_, reference.recurrent_gate_step)
+                   t.scatter_residual_relu_pool_, reference.recurrent_gate_step, t.relu_pool_)
 
 
 def backend_status(device: torch.device | str = "cpu") -> dict[str, tuple[bool, str]]:

@@ -54,6 +54,21 @@ def _scatter_residual_relu_pool_fake(out: torch.Tensor, y: torch.Tensor, idx: to
     return None
 
 
+def _relu_pool_fake(x: torch.Tensor, pooled: torch.Tensor):
+    op = "relu_pool_"
+    torch._check(x.dim() == 4, lambda: (
+        f"dynexec::{op}: expected a 4-D x [N, C, H, W], but got shape {tuple(x.shape)}"))
+    torch._check(x.is_floating_point(), lambda: (
+        f"dynexec::{op}: expected a floating point x, but got {x.dtype}"))
+    torch._check(pooled.dtype == x.dtype and pooled.device == x.device, lambda: (
+        f"dynexec::{op}: expected pooled of dtype {x.dtype} on {x.device} (x's), but got "
+        f"{pooled.dtype} on {pooled.device}"))
+    torch._check(tuple(pooled.shape) == tuple(x.shape[:2]), lambda: (
+        f"dynexec::{op}: expected pooled of shape [N, C] = {list(x.shape[:2])}, but got "
+        f"{list(pooled.shape)}"))
+    return None
+
+
 def _recurrent_gate_step_fake(pooled, embed_w, embed_b, w_ih, w_hh, b_ih, b_hh, proj_w, proj_b,
                               hx, cx):
     torch._check(pooled.dim() == 2 and hx.dim() == 2, lambda: (
@@ -74,6 +89,7 @@ _FAKES = {
     "dynexec::gather_rows": _gather_rows_fake,
     "dynexec::scatter_residual_relu_": _scatter_residual_relu_fake,
     "dynexec::scatter_residual_relu_pool_": _scatter_residual_relu_pool_fake,
+    "dynexec::relu_pool_": _relu_pool_fake,
     "dynexec::recurrent_gate_step": _recurrent_gate_step_fake,
     "dynexec::downsample_b": _downsample_b_fake,
 }

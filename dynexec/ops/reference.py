@@ -20,6 +20,12 @@ Contract shared by all backends:
       pooled is a contiguous [N, C] tensor of out's dtype and device; its other rows are
       left untouched. Means are accumulated in float32 for float16/bfloat16/float32 and
       in float64 for float64, so they match out.mean((2, 3)) up to float rounding.
+  relu_pool_(x[N, C, H, W], pooled[N, C]) -> None
+      x = relu(x) in place (NaN stays NaN, -0.0 stays -0.0, as torch.relu_), and
+      pooled[n, c] = the mean over (h, w) of the new x[n, c] for every n, in one pass.
+      x is 4-D with a floating dtype (any strides); pooled is a contiguous [N, C] tensor
+      of x's dtype and device. Means are accumulated as in scatter_residual_relu_pool_,
+      so they match x.mean((2, 3)) up to float rounding.
   recurrent_gate_step(pooled[N, C], embed_w[C, E], embed_b[E], w_ih[4H, E], w_hh[4H, H],
                       b_ih[4H], b_hh[4H], proj_w[H, 1], proj_b[1], hx[N, H], cx[N, H])
       -> (prob[N], hx_new[N, H], cx_new[N, H])
@@ -143,28 +149,45 @@ def scatter_residual_relu_(out: torch.Tensor, y: torch.Tensor, idx: torch.Tensor
     out.index_copy_(0, rows, torch.relu(y[:count] + out.index_select(0, rows)))
 
 
-def scatter_residual_relu_pool_(out: torch.Tensor, y: torch.Tensor, idx: torch.Tensor, count: int,
-                                pooled: torch.Tensor) -> None:
-    name = "scatter_residual_relu_pool_"
-    _tensor(name, "pooled", pooled)
-    count = _check_scatter(name, out, y, idx, count)
-    if out.dim() != 4:
-        raise OpArgumentError(f"{name}: out must be 4-D [N, C, H, W], got shape {tuple(out.shape)}")
-    expected = (out.shape[0], out.shape[1])
-    if pooled.dtype != out.dtype:
-        raise OpArgumentError(f"{name}: pooled must have out's dtype {out.dtype}, got {pooled.dtype}")
-    if pooled.device != out.device:
-        raise OpArgumentError(f"{name}: pooled must be on out's device {out.device}, got "
+def _check_pool_target(name: str, arg: str, t: torch.Tensor, pooled: torch.Tensor) -> None:
+    """The pooled ops' data tensor `t` (called `arg`) is 4-D; pooled is a contiguous [N, C]
+    tensor of t's dtype and device."""
+    if t.dim() != 4:
+        raise OpArgumentError(f"{name}: {arg} must be 4-D [N, C, H, W], got shape {tuple(t.shape)}")
+    expected = (t.shape[0], t.shape[1])
+    if pooled.dtype != t.dtype:
+        raise OpArgumentError(f"{name}: pooled must have {arg}'s dtype {t.dtype}, got {pooled.dtype}")
+    if pooled.device != t.device:
+        raise OpArgumentError(f"{name}: pooled must be on {arg}'s device {t.device}, got "
                               f"{pooled.device}")
     if tuple(pooled.shape) != expected:
         raise OpArgumentError(f"{name}: pooled must have shape [N, C] = {list(expected)}, got "
                               f"{list(pooled.shape)}")
     if not pooled.is_contiguous():
         raise OpArgumentError(f"{name}: pooled must be contiguous, got strides {pooled.stride()}")
+
+
+def scatter_residual_relu_pool_(out: torch.Tensor, y: torch.Tensor, idx: torch.Tensor, count: int,
+                                pooled: torch.Tensor) -> None:
+    name = "scatter_residual_relu_pool_"
+    _tensor(name, "pooled", pooled)
+    count = _check_scatter(name, out, y, idx, count)
+    _check_pool_target(name, "out", out, pooled)
     rows = idx[:count]
     new = torch.relu(y[:count] + out.index_select(0, rows))
     out.index_copy_(0, rows, new)
     pooled.index_copy_(0, rows, new.mean(dim=(2, 3)))
+
+
+def relu_pool_(x: torch.Tensor, pooled: torch.Tensor) -> None:
+    name = "relu_pool_"
+    _tensor(name, "x", x)
+    _tensor(name, "pooled", pooled)
+    _check_pool_target(name, "x", x, pooled)
+    if not x.is_floating_point():
+        raise OpArgumentError(f"{name}: x must have a floating point dtype, got {x.dtype}")
+    torch.relu_(x)
+    pooled.copy_(x.mean(dim=(2, 3)))
 
 
 def recurrent_gate_step(pooled: torch.Tensor, embed_w: torch.Tensor, embed_b: torch.Tensor,
