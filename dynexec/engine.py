@@ -139,9 +139,10 @@ class Engine:
             return out, out.mean(dim=(2, 3)).contiguous()
         if active == 0:
             return h, pooled
-        if active == h.shape[0]:  # in place into h, then one pooling pass
-            out = self._run_block_all(block, h)
-            return out, out.mean(dim=(2, 3)).contiguous()
+        if active == h.shape[0]:  # in place into h; the ReLU pass also pools
+            out = block.branch_add_(h, h)
+            self.backend.relu_pool_(out, pooled)
+            return out, pooled
         ops = self.backend
         idx, _ = ops.partition(mask)
         y = block.branch(ops.gather_rows(h, idx, active))

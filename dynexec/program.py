@@ -58,18 +58,18 @@ class FoldedConv:
         # Not oneDNN's fused ReLU: it maps NaN to 0, the official models propagate NaN.
         return torch.relu_(y) if self.relu else y
 
-    def add_relu_(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-        """residual = relu(conv(x) + residual), in place: the add happens in the conv's
-        epilogue and no output is allocated (a fresh 4-8 MB tensor per block costs more
-        than the add). The caller must own ``residual``."""
+    def add_(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        """residual += conv(x), in place: the add happens in the conv's epilogue and no
+        output is allocated (a fresh 4-8 MB tensor per block costs more than the add).
+        The caller must own ``residual``. No ReLU here: oneDNN's fused ReLU maps NaN to 0."""
         if self.relu:
-            raise ValueError("add_relu_ is for the last convolution of a branch (no own ReLU)")
+            raise ValueError("add_ is for the last convolution of a branch (no own ReLU)")
         if self.packed is not None:
             torch.ops.mkldnn._convolution_pointwise_.binary(
                 residual, x, self.packed, self.bias, [self.padding] * 2, [self.stride] * 2,
                 [1, 1], 1, "add", None, None, [], None)
-            return residual.relu_()
-        return residual.add_(self(x)).relu_()
+            return residual
+        return residual.add_(self(x))
 
     def packed_for_cpu(self) -> "FoldedConv":
         """This conv with its weight packed for oneDNN, when that path applies."""
@@ -106,11 +106,11 @@ class FoldedChain:
             x = conv(x)
         return x
 
-    def add_relu_(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-        """residual = relu(chain(x) + residual), in place, fused into the last convolution."""
+    def add_(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        """residual += chain(x), in place, fused into the last convolution."""
         for conv in self.convs[:-1]:
             x = conv(x)
-        return self.convs[-1].add_relu_(x, residual)
+        return self.convs[-1].add_(x, residual)
 
     def packed_for_cpu(self) -> "FoldedChain":
         return FoldedChain([c.packed_for_cpu() for c in self.convs])
@@ -223,13 +223,17 @@ class ProgramBlock:
     shortcut: Optional[Callable[[torch.Tensor], torch.Tensor]]
     out_channels: int
 
-    def branch_add_relu_(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-        """residual = relu(branch(x) + residual), in place (the caller owns ``residual``);
-        fused into the last convolution when folded."""
-        fused = getattr(self.branch, "add_relu_", None)
+    def branch_add_(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        """residual += branch(x), in place (the caller owns ``residual``); fused into the
+        last convolution when folded."""
+        fused = getattr(self.branch, "add_", None)
         if fused is not None:
             return fused(x, residual)
-        return residual.add_(self.branch(x)).relu_()
+        return residual.add_(self.branch(x))
+
+    def branch_add_relu_(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        """residual = relu(branch(x) + residual), in place."""
+        return self.branch_add_(x, residual).relu_()
 
 
 @dataclass(frozen=True)
