@@ -450,6 +450,72 @@ def run_ops(args, device: torch.device, backends: list[str], threads: int) -> tu
                 errs[b] = err
         (base,), times = timed([lambda: downsample_composition(x, oc)], fns)
         record("downsample_b", shape, layout, None, "avg_pool2d+cat", base, times, errs)
+
+    # SkipNet's recurrent gate: the pooling ops (vs the separate passes they replace) and
+    # the gate step (vs the composite of ATen ops), at CIFAR shapes in channels_last.
+    for shape in CIFAR:
+        n, c = shape[:2]
+        x = torch.randn(shape, generator=gen).to(device).contiguous(memory_format=torch.channels_last)
+        want = torch.relu(x)
+        want_pool = want.mean(dim=(2, 3))
+        fns, errs = {}, {}
+        for b in backends:
+            f, x_k, pool_k = impls[b].relu_pool_, x.clone(), x.new_empty((n, c))
+
+            def check(f=f, x_k=x_k, pool_k=pool_k):
+                f(x_k, pool_k)
+                return torch.equal(x_k, want) and torch.allclose(pool_k, want_pool, rtol=1e-4, atol=1e-5)
+            fns[b], err = checked(b, lambda f=f, x_k=x_k, pool_k=pool_k: (lambda: f(x_k, pool_k)), check)
+            if err:
+                errs[b] = err
+        x_b = x.clone()
+        (base,), times = timed([lambda: x_b.relu_().mean(dim=(2, 3))], fns)
+        record("relu_pool_", shape, "cl", None, "relu_+mean", base, times, errs)
+
+        count = count_for(0.5, n)
+        idx = torch.randperm(n, generator=gen).to(device)
+        y = torch.randn((count, *shape[1:]), generator=gen).to(device).contiguous(
+            memory_format=torch.channels_last)
+        want = x.clone()
+        scatter_inplace_composition(want, y, idx, count)
+        want_pool = want.mean(dim=(2, 3))[idx[:count]]
+        fns, errs = {}, {}
+        for b in backends:
+            f, out_k, pool_k = impls[b].scatter_residual_relu_pool_, x.clone(), x.new_zeros((n, c))
+
+            def check(f=f, out_k=out_k, pool_k=pool_k):
+                f(out_k, y, idx, count, pool_k)
+                return torch.equal(out_k, want) and torch.allclose(
+                    pool_k[idx[:count]], want_pool, rtol=1e-4, atol=1e-5)
+            fns[b], err = checked(b, lambda f=f, out_k=out_k, pool_k=pool_k:
+                                  (lambda: f(out_k, y, idx, count, pool_k)), check)
+            if err:
+                errs[b] = err
+        out_b, scatter = x.clone(), impls.get("native", impls[backends[0]]).scatter_residual_relu_
+        (base,), times = timed([lambda: (scatter(out_b, y, idx, count), out_b.mean(dim=(2, 3)))], fns)
+        record("scatter_pool_", shape, "cl", 0.5, "scatter_relu_+mean", base, times, errs)
+
+    hidden, embed = 10, 10  # SkipNet's recurrent gate
+    for c in (16, 32, 64):
+        n = 64
+        g = [torch.randn(s, generator=gen).to(device) for s in
+             [(n, c), (c, embed), (embed,), (4 * hidden, embed), (4 * hidden, hidden), (4 * hidden,),
+              (4 * hidden,), (hidden, 1), (1,), (n, hidden), (n, hidden)]]
+
+        def composite():
+            e = torch.addmm(g[2], g[0], g[1])
+            hx, cx = torch.lstm_cell(e, (g[9], g[10]), g[3], g[4], g[5], g[6])
+            return torch.sigmoid(torch.addmm(g[8], hx, g[7])).reshape(-1), hx, cx
+        want = composite()
+        fns, errs = {}, {}
+        for b in backends:
+            f = impls[b].recurrent_gate_step
+            fns[b], err = checked(b, lambda f=f: (lambda: f(*g)), lambda f=f: all(
+                torch.allclose(a, w, rtol=1e-4, atol=1e-5) for a, w in zip(f(*g), want)))
+            if err:
+                errs[b] = err
+        (base,), times = timed([composite], fns)
+        record("gate_step", (n, c), "-", None, "addmm+lstm_cell+addmm", base, times, errs)
     return results, all_ok
 
 

@@ -188,7 +188,8 @@ def test_quick_cpu_ops_run(tmp_path):
     rows = data["results"]
     assert rows and all(ROW_FIELDS <= set(r) for r in rows)
     assert {r["section"] for r in rows} == {"ops"}
-    assert {r["op"] for r in rows} == {"partition", "gather_rows", "scatter_relu_", "downsample_b"}
+    assert {r["op"] for r in rows} == {"partition", "gather_rows", "scatter_relu_", "downsample_b",
+                                       "relu_pool_", "scatter_pool_", "gate_step"}
     assert {r["backend"] for r in rows} == set(data["backends"])
     for r in rows:
         assert r["ok"] and r["device"] == "cpu" and r["timing"] == "blocked_autorange"
