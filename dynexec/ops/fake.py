@@ -39,18 +39,24 @@ def _scatter_residual_relu_fake(out: torch.Tensor, y: torch.Tensor, idx: torch.T
     return None
 
 
+def _check_pool_target_fake(op: str, arg: str, t: torch.Tensor, pooled: torch.Tensor) -> None:
+    """The pooled ops' data tensor ``t`` (called ``arg``) is 4-D; pooled is [N, C] with its
+    dtype and device."""
+    torch._check(t.dim() == 4, lambda: (
+        f"dynexec::{op}: expected a 4-D {arg} [N, C, H, W], but got shape {tuple(t.shape)}"))
+    torch._check(pooled.dtype == t.dtype and pooled.device == t.device, lambda: (
+        f"dynexec::{op}: expected pooled of dtype {t.dtype} on {t.device} ({arg}'s), but got "
+        f"{pooled.dtype} on {pooled.device}"))
+    torch._check(tuple(pooled.shape) == tuple(t.shape[:2]), lambda: (
+        f"dynexec::{op}: expected pooled of shape [N, C] = {list(t.shape[:2])}, but got "
+        f"{list(pooled.shape)}"))
+
+
 def _scatter_residual_relu_pool_fake(out: torch.Tensor, y: torch.Tensor, idx: torch.Tensor, count,
                                      pooled: torch.Tensor):
     op = "scatter_residual_relu_pool_"
     _check_idx_device(op, out, idx)
-    torch._check(out.dim() == 4, lambda: (
-        f"dynexec::{op}: expected a 4-D out [N, C, H, W], but got shape {tuple(out.shape)}"))
-    torch._check(pooled.dtype == out.dtype and pooled.device == out.device, lambda: (
-        f"dynexec::{op}: expected pooled of dtype {out.dtype} on {out.device} (out's), but got "
-        f"{pooled.dtype} on {pooled.device}"))
-    torch._check(tuple(pooled.shape) == tuple(out.shape[:2]), lambda: (
-        f"dynexec::{op}: expected pooled of shape [N, C] = {list(out.shape[:2])}, but got "
-        f"{list(pooled.shape)}"))
+    _check_pool_target_fake(op, "out", out, pooled)
     return None
 
 
@@ -60,12 +66,7 @@ def _relu_pool_fake(x: torch.Tensor, pooled: torch.Tensor):
         f"dynexec::{op}: expected a 4-D x [N, C, H, W], but got shape {tuple(x.shape)}"))
     torch._check(x.is_floating_point(), lambda: (
         f"dynexec::{op}: expected a floating point x, but got {x.dtype}"))
-    torch._check(pooled.dtype == x.dtype and pooled.device == x.device, lambda: (
-        f"dynexec::{op}: expected pooled of dtype {x.dtype} on {x.device} (x's), but got "
-        f"{pooled.dtype} on {pooled.device}"))
-    torch._check(tuple(pooled.shape) == tuple(x.shape[:2]), lambda: (
-        f"dynexec::{op}: expected pooled of shape [N, C] = {list(x.shape[:2])}, but got "
-        f"{list(pooled.shape)}"))
+    _check_pool_target_fake(op, "x", x, pooled)
     return None
 
 

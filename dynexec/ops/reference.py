@@ -65,6 +65,15 @@ def _tensor(name: str, arg: str, t) -> None:
         raise OpArgumentError(f"{name}: {arg} must be a torch.Tensor, got {type(t).__name__}")
 
 
+def _check_like(name: str, arg: str, t: torch.Tensor, ref_arg: str, ref: torch.Tensor) -> None:
+    """``t`` (called ``arg``) has the dtype and device of ``ref`` (called ``ref_arg``)."""
+    if t.dtype != ref.dtype:
+        raise OpArgumentError(f"{name}: {arg} must have {ref_arg}'s dtype {ref.dtype}, got {t.dtype}")
+    if t.device != ref.device:
+        raise OpArgumentError(f"{name}: {arg} must be on {ref_arg}'s device {ref.device}, got "
+                              f"{t.device}")
+
+
 def _check_rows(name: str, x: torch.Tensor, idx: torch.Tensor, count, upper: int,
                 distinct: bool) -> int:
     """Checks idx (int64, 1-D, x's device), count (int in [0, min(idx.numel(), upper)])
@@ -133,10 +142,7 @@ def _check_scatter(name: str, out: torch.Tensor, y: torch.Tensor, idx: torch.Ten
     _tensor(name, "y", y)
     if not out.is_floating_point():
         raise OpArgumentError(f"{name}: out must have a floating point dtype, got {out.dtype}")
-    if y.dtype != out.dtype:
-        raise OpArgumentError(f"{name}: y must have out's dtype {out.dtype}, got {y.dtype}")
-    if y.device != out.device:
-        raise OpArgumentError(f"{name}: y must be on out's device {out.device}, got {y.device}")
+    _check_like(name, "y", y, "out", out)
     if out.dim() < 1 or y.dim() != out.dim() or tuple(y.shape[1:]) != tuple(out.shape[1:]):
         raise OpArgumentError(f"{name}: y must have shape [count, *out.shape[1:]] = "
                          f"[count, {', '.join(map(str, out.shape[1:]))}], got {tuple(y.shape)}")
@@ -155,11 +161,7 @@ def _check_pool_target(name: str, arg: str, t: torch.Tensor, pooled: torch.Tenso
     if t.dim() != 4:
         raise OpArgumentError(f"{name}: {arg} must be 4-D [N, C, H, W], got shape {tuple(t.shape)}")
     expected = (t.shape[0], t.shape[1])
-    if pooled.dtype != t.dtype:
-        raise OpArgumentError(f"{name}: pooled must have {arg}'s dtype {t.dtype}, got {pooled.dtype}")
-    if pooled.device != t.device:
-        raise OpArgumentError(f"{name}: pooled must be on {arg}'s device {t.device}, got "
-                              f"{pooled.device}")
+    _check_like(name, "pooled", pooled, arg, t)
     if tuple(pooled.shape) != expected:
         raise OpArgumentError(f"{name}: pooled must have shape [N, C] = {list(expected)}, got "
                               f"{list(pooled.shape)}")
@@ -218,12 +220,7 @@ def recurrent_gate_step(pooled: torch.Tensor, embed_w: torch.Tensor, embed_b: to
                   cx=("[N, H]", [n, h]))
     for arg, (dims, shape) in shapes.items():
         t = args[arg]
-        if t.dtype != pooled.dtype:
-            raise OpArgumentError(f"{name}: {arg} must have pooled's dtype {pooled.dtype}, got "
-                                  f"{t.dtype}")
-        if t.device != pooled.device:
-            raise OpArgumentError(f"{name}: {arg} must be on pooled's device {pooled.device}, "
-                                  f"got {t.device}")
+        _check_like(name, arg, t, "pooled", pooled)
         if list(t.shape) != shape:
             raise OpArgumentError(f"{name}: {arg} must have shape {dims} = {shape}, got "
                                   f"{list(t.shape)}")
