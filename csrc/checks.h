@@ -6,6 +6,7 @@
 #include <c10/util/Exception.h>
 
 #include <cstdint>
+#include <tuple>
 #include <vector>
 
 namespace dynexec {
@@ -191,6 +192,37 @@ inline std::vector<int64_t> check_gate_args(const at::Tensor& pooled, const at::
   check_gate_tensor("cx", cx, pooled, "[N, H]", {N, H});
   return {N, C, E, H};
 }
+
+// recurrent_gate_step's arguments, checked and made contiguous (no copy for the usual
+// contiguous tensors), and its freshly allocated outputs: shared by the CPU and CUDA ops.
+struct GateStepCall {
+  std::vector<int64_t> dims;  // {N, C, E, H}, from check_gate_args (first: checks come first)
+  int64_t N, C, E, H;
+  c10::MaybeOwned<at::Tensor> pooled, embed_w, embed_b, w_ih, w_hh, b_ih, b_hh, proj_w, proj_b,
+      hx, cx;
+  at::Tensor prob, hx_new, cx_new;
+
+  GateStepCall(const at::Tensor& pooled_, const at::Tensor& embed_w_, const at::Tensor& embed_b_,
+               const at::Tensor& w_ih_, const at::Tensor& w_hh_, const at::Tensor& b_ih_,
+               const at::Tensor& b_hh_, const at::Tensor& proj_w_, const at::Tensor& proj_b_,
+               const at::Tensor& hx_, const at::Tensor& cx_)
+      : dims(check_gate_args(pooled_, embed_w_, embed_b_, w_ih_, w_hh_, b_ih_, b_hh_, proj_w_,
+                             proj_b_, hx_, cx_)),
+        N(dims[0]), C(dims[1]), E(dims[2]), H(dims[3]),
+        pooled(pooled_.expect_contiguous()), embed_w(embed_w_.expect_contiguous()),
+        embed_b(embed_b_.expect_contiguous()), w_ih(w_ih_.expect_contiguous()),
+        w_hh(w_hh_.expect_contiguous()), b_ih(b_ih_.expect_contiguous()),
+        b_hh(b_hh_.expect_contiguous()), proj_w(proj_w_.expect_contiguous()),
+        proj_b(proj_b_.expect_contiguous()), hx(hx_.expect_contiguous()),
+        cx(cx_.expect_contiguous()),
+        prob(at::empty({N}, pooled_.options())),
+        hx_new(at::empty({N, H}, pooled_.options())),
+        cx_new(at::empty({N, H}, pooled_.options())) {}
+
+  std::tuple<at::Tensor, at::Tensor, at::Tensor> outputs() const {
+    return std::make_tuple(prob, hx_new, cx_new);
+  }
+};
 
 inline void check_downsample_args(const at::Tensor& x, int64_t out_channels) {
   TORCH_CHECK(x.dim() == 4, "dynexec::downsample_b: expected a 4-D x [N, C, H, W], but got a ",

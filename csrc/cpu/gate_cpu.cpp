@@ -217,25 +217,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> recurrent_gate_step_cpu(
     const at::Tensor& w_ih_, const at::Tensor& w_hh_, const at::Tensor& b_ih_,
     const at::Tensor& b_hh_, const at::Tensor& proj_w_, const at::Tensor& proj_b_,
     const at::Tensor& hx_, const at::Tensor& cx_) {
-  const std::vector<int64_t> dims = check_gate_args(pooled_, embed_w_, embed_b_, w_ih_, w_hh_,
-                                                    b_ih_, b_hh_, proj_w_, proj_b_, hx_, cx_);
-  const int64_t N = dims[0], C = dims[1], E = dims[2], H = dims[3];
-  at::Tensor prob = at::empty({N}, pooled_.options());
-  at::Tensor hx_new = at::empty({N, H}, pooled_.options());
-  at::Tensor cx_new = at::empty({N, H}, pooled_.options());
-  if (N == 0) return std::make_tuple(prob, hx_new, cx_new);
   // No copy (nor dispatcher call) for the usual, contiguous arguments.
-  const auto pooled = pooled_.expect_contiguous();
-  const auto embed_w = embed_w_.expect_contiguous();
-  const auto embed_b = embed_b_.expect_contiguous();
-  const auto w_ih = w_ih_.expect_contiguous();
-  const auto w_hh = w_hh_.expect_contiguous();
-  const auto b_ih = b_ih_.expect_contiguous();
-  const auto b_hh = b_hh_.expect_contiguous();
-  const auto proj_w = proj_w_.expect_contiguous();
-  const auto proj_b = proj_b_.expect_contiguous();
-  const auto hx = hx_.expect_contiguous();
-  const auto cx = cx_.expect_contiguous();
+  GateStepCall g(pooled_, embed_w_, embed_b_, w_ih_, w_hh_, b_ih_, b_hh_, proj_w_, proj_b_, hx_,
+                 cx_);
+  const int64_t N = g.N, C = g.C, E = g.E, H = g.H;
+  if (N == 0) return g.outputs();
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, pooled_.scalar_type(),
                                   "dynexec_recurrent_gate_step_cpu", [&] {
@@ -243,22 +229,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> recurrent_gate_step_cpu(
     const int64_t G = 4 * H, K = E + H;
     // [w_ih | w_hh] transposed and b_ih + b_hh in acc_t, once per call (4H x (E + H)).
     std::vector<acc_t> wt(static_cast<size_t>(K * G)), bias(static_cast<size_t>(G));
-    const scalar_t* wih = w_ih->const_data_ptr<scalar_t>();
-    const scalar_t* whh = w_hh->const_data_ptr<scalar_t>();
-    const scalar_t* bih = b_ih->const_data_ptr<scalar_t>();
-    const scalar_t* bhh = b_hh->const_data_ptr<scalar_t>();
+    const scalar_t* wih = g.w_ih->const_data_ptr<scalar_t>();
+    const scalar_t* whh = g.w_hh->const_data_ptr<scalar_t>();
+    const scalar_t* bih = g.b_ih->const_data_ptr<scalar_t>();
+    const scalar_t* bhh = g.b_hh->const_data_ptr<scalar_t>();
     for (int64_t j = 0; j < G; ++j) {
       for (int64_t k = 0; k < E; ++k) wt[k * G + j] = static_cast<acc_t>(wih[j * E + k]);
       for (int64_t k = 0; k < H; ++k) wt[(E + k) * G + j] = static_cast<acc_t>(whh[j * H + k]);
       bias[j] = static_cast<acc_t>(bih[j]) + static_cast<acc_t>(bhh[j]);
     }
     GateArgs<scalar_t, acc_t> args{
-        pooled->const_data_ptr<scalar_t>(), embed_w->const_data_ptr<scalar_t>(),
-        embed_b->const_data_ptr<scalar_t>(), wt.data(), bias.data(),
-        proj_w->const_data_ptr<scalar_t>(),
-        static_cast<acc_t>(proj_b->const_data_ptr<scalar_t>()[0]),
-        hx->const_data_ptr<scalar_t>(), cx->const_data_ptr<scalar_t>(),
-        prob.data_ptr<scalar_t>(), hx_new.data_ptr<scalar_t>(), cx_new.data_ptr<scalar_t>(),
+        g.pooled->const_data_ptr<scalar_t>(), g.embed_w->const_data_ptr<scalar_t>(),
+        g.embed_b->const_data_ptr<scalar_t>(), wt.data(), bias.data(),
+        g.proj_w->const_data_ptr<scalar_t>(),
+        static_cast<acc_t>(g.proj_b->const_data_ptr<scalar_t>()[0]),
+        g.hx->const_data_ptr<scalar_t>(), g.cx->const_data_ptr<scalar_t>(),
+        g.prob.data_ptr<scalar_t>(), g.hx_new.data_ptr<scalar_t>(), g.cx_new.data_ptr<scalar_t>(),
         C, E, H};
     const int64_t work = C * E + K * G + 32 * H;  // (a sigmoid/tanh counts as ~6)
     const int64_t grain =
@@ -275,7 +261,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> recurrent_gate_step_cpu(
                                  static_cast<V*>(std::align(64, sizeof(V), p, space)));
     });
   });
-  return std::make_tuple(prob, hx_new, cx_new);
+  return g.outputs();
 }
 
 }  // namespace

@@ -104,25 +104,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> recurrent_gate_step_cuda(
     const at::Tensor& w_ih_, const at::Tensor& w_hh_, const at::Tensor& b_ih_,
     const at::Tensor& b_hh_, const at::Tensor& proj_w_, const at::Tensor& proj_b_,
     const at::Tensor& hx_, const at::Tensor& cx_) {
-  const std::vector<int64_t> dims = check_gate_args(pooled_, embed_w_, embed_b_, w_ih_, w_hh_,
-                                                    b_ih_, b_hh_, proj_w_, proj_b_, hx_, cx_);
-  const int64_t N = dims[0], C = dims[1], E = dims[2], H = dims[3];
   c10::cuda::CUDAGuard guard(pooled_.device());
-  at::Tensor prob = at::empty({N}, pooled_.options());
-  at::Tensor hx_new = at::empty({N, H}, pooled_.options());
-  at::Tensor cx_new = at::empty({N, H}, pooled_.options());
-  if (N == 0) return std::make_tuple(prob, hx_new, cx_new);
-  const auto pooled = pooled_.expect_contiguous();
-  const auto embed_w = embed_w_.expect_contiguous();
-  const auto embed_b = embed_b_.expect_contiguous();
-  const auto w_ih = w_ih_.expect_contiguous();
-  const auto w_hh = w_hh_.expect_contiguous();
-  const auto b_ih = b_ih_.expect_contiguous();
-  const auto b_hh = b_hh_.expect_contiguous();
-  const auto proj_w = proj_w_.expect_contiguous();
-  const auto proj_b = proj_b_.expect_contiguous();
-  const auto hx = hx_.expect_contiguous();
-  const auto cx = cx_.expect_contiguous();
+  GateStepCall g(pooled_, embed_w_, embed_b_, w_ih_, w_hh_, b_ih_, b_hh_, proj_w_, proj_b_, hx_,
+                 cx_);
+  const int64_t N = g.N, C = g.C, E = g.E, H = g.H;
+  if (N == 0) return g.outputs();
   const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
   const int64_t blocks = std::max<int64_t>(1, std::min<int64_t>(N, sms * 16));
   auto stream = at::cuda::getCurrentCUDAStream();
@@ -134,16 +120,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> recurrent_gate_step_cuda(
                 " need ", shared, " bytes of shared memory per block on CUDA, more than the ",
                 "48 KiB supported");
     recurrent_gate_step_kernel<scalar_t><<<blocks, kGateThreads, shared, stream>>>(
-        pooled->const_data_ptr<scalar_t>(), embed_w->const_data_ptr<scalar_t>(),
-        embed_b->const_data_ptr<scalar_t>(), w_ih->const_data_ptr<scalar_t>(),
-        w_hh->const_data_ptr<scalar_t>(), b_ih->const_data_ptr<scalar_t>(),
-        b_hh->const_data_ptr<scalar_t>(), proj_w->const_data_ptr<scalar_t>(),
-        proj_b->const_data_ptr<scalar_t>(), hx->const_data_ptr<scalar_t>(),
-        cx->const_data_ptr<scalar_t>(), N, C, E, H, prob.data_ptr<scalar_t>(),
-        hx_new.data_ptr<scalar_t>(), cx_new.data_ptr<scalar_t>());
+        g.pooled->const_data_ptr<scalar_t>(), g.embed_w->const_data_ptr<scalar_t>(),
+        g.embed_b->const_data_ptr<scalar_t>(), g.w_ih->const_data_ptr<scalar_t>(),
+        g.w_hh->const_data_ptr<scalar_t>(), g.b_ih->const_data_ptr<scalar_t>(),
+        g.b_hh->const_data_ptr<scalar_t>(), g.proj_w->const_data_ptr<scalar_t>(),
+        g.proj_b->const_data_ptr<scalar_t>(), g.hx->const_data_ptr<scalar_t>(),
+        g.cx->const_data_ptr<scalar_t>(), N, C, E, H, g.prob.data_ptr<scalar_t>(),
+        g.hx_new.data_ptr<scalar_t>(), g.cx_new.data_ptr<scalar_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  return std::make_tuple(prob, hx_new, cx_new);
+  return g.outputs();
 }
 
 }  // namespace
