@@ -10,6 +10,11 @@ Extension build configuration (environment variables):
                               if that is impossible. Unset: CUDA kernels when torch has
                               CUDA (torch.version.cuda) and nvcc is found (CUDA_HOME).
   DYNEXEC_NATIVE=0            build no native extension at all (pure-Python install).
+  DYNEXEC_ONEDNN=0|1          0: no oneDNN convolutions. 1: require them. Unset: build them
+                              when oneDNN is found (the onednn-cpu-gomp and
+                              onednn-devel-cpu-gomp wheels install it into the environment).
+  DYNEXEC_ONEDNN_ROOT         a oneDNN install (include/oneapi/dnnl/dnnl.hpp, lib/libdnnl.so)
+                              to use instead of the environment's.
   DYNEXEC_CUDA_INCLUDE_DIRS   extra include folders (os.pathsep-separated) for CUDA builds,
                               e.g. the pip CUDA wheels' include/ holding cusparse.h.
   TORCH_CUDA_ARCH_LIST        GPU architectures, read by torch.utils.cpp_extension.
@@ -25,6 +30,18 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 
 def _log(msg):
     print(f"[dynexec setup] {msg}", flush=True)
+
+
+def _find_onednn():
+    """(include_dir, lib_dir) of a oneDNN install, or None. The extension links its own
+    libdnnl: torch links oneDNN statically and exports none of its symbols."""
+    roots = [os.environ.get("DYNEXEC_ONEDNN_ROOT", ""), sys.prefix]
+    for root in filter(None, roots):
+        inc, lib = os.path.join(root, "include"), os.path.join(root, "lib")
+        if os.path.exists(os.path.join(inc, "oneapi", "dnnl", "dnnl.hpp")) and \
+                glob.glob(os.path.join(lib, "libdnnl.so*")):
+            return inc, lib
+    return None
 
 
 def _native_build():
@@ -86,10 +103,27 @@ def _native_build():
         extension = CppExtension
         kwargs["extra_compile_args"] = {"cxx": cxx_flags}
 
+    want_onednn = os.environ.get("DYNEXEC_ONEDNN", "").strip()
+    if want_onednn not in ("", "0", "1"):
+        sys.exit(f"[dynexec setup] DYNEXEC_ONEDNN must be 0 or 1, got {want_onednn!r}")
+    onednn = _find_onednn() if want_onednn != "0" and sys.platform.startswith("linux") else None
+    if want_onednn == "1" and onednn is None:
+        sys.exit("[dynexec setup] DYNEXEC_ONEDNN=1 but oneDNN was not found (pip install "
+                 "onednn-cpu-gomp onednn-devel-cpu-gomp, or set DYNEXEC_ONEDNN_ROOT)")
+    libraries, library_dirs = [], []
+    if onednn is not None:
+        sources += rel("csrc/onednn/*.cpp")
+        define_macros.append(("DYNEXEC_WITH_ONEDNN", None))
+        include_dirs.append(onednn[0])
+        libraries.append("dnnl")
+        library_dirs.append(onednn[1])
+        link_flags.append(f"-Wl,-rpath,{onednn[1]}")
+
     _log("native extension dynexec._C configuration:")
     _log(f"  torch {torch.__version__} (CUDA {torch.version.cuda}), CUDA_HOME={CUDA_HOME}")
     _log(f"  DYNEXEC_CUDA={want or '<unset>'} -> CUDA kernels: {'yes' if use_cuda else 'no'}"
          + ("" if use_cuda or not why_not else f" ({'; '.join(why_not)})"))
+    _log(f"  oneDNN convolutions: {'yes, ' + onednn[1] if onednn else 'no'}")
     if use_cuda:
         _log(f"  TORCH_CUDA_ARCH_LIST={os.environ.get('TORCH_CUDA_ARCH_LIST', '<torch default>')}")
     _log(f"  sources: {' '.join(sources)}")
@@ -102,6 +136,8 @@ def _native_build():
         sources=sources,
         include_dirs=include_dirs,
         define_macros=define_macros,
+        libraries=libraries,
+        library_dirs=library_dirs,
         extra_link_args=link_flags,
         py_limited_api=True,
         **kwargs,
@@ -126,6 +162,8 @@ setup(
     install_requires=["torch>=2.4", "numpy"],
     extras_require={
         "triton": ["triton>=3.0"],
+        # build-time: dynexec._C's own oneDNN convolutions (install before building)
+        "onednn": ["onednn-cpu-gomp", "onednn-devel-cpu-gomp"],
         "test": ["pytest", "pytest-benchmark", "hypothesis"],
         "tools": ["tqdm", "matplotlib"],
     },

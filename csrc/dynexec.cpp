@@ -23,6 +23,13 @@ int64_t cuda_version() {
 #endif
 }
 
+#ifdef DYNEXEC_WITH_ONEDNN
+int64_t onednn_version();  // csrc/onednn/chain.cpp
+#else
+// 0: built without oneDNN (no torch.classes.dynexec.OneDnnChain).
+int64_t onednn_version() { return 0; }
+#endif
+
 }  // namespace dynexec
 
 TORCH_LIBRARY(dynexec, m) {
@@ -44,6 +51,9 @@ TORCH_LIBRARY(dynexec, m) {
       "Tensor w_hh, Tensor b_ih, Tensor b_hh, Tensor proj_w, Tensor proj_b, Tensor hx, "
       "Tensor cx) -> (Tensor prob, Tensor hx_new, Tensor cx_new)");
   m.def("cuda_version() -> int", &dynexec::cuda_version);
+  // oneDNN version (major*10000 + minor*100 + patch) behind torch.classes.dynexec.OneDnnChain
+  // (csrc/onednn/), or 0 when the extension was built without it.
+  m.def("onednn_version() -> int", &dynexec::onednn_version);
 }
 
 // `import dynexec._C` only needs a module object; loading the library runs the static

@@ -49,7 +49,8 @@ class Engine:
     def __repr__(self) -> str:
         return (f"Engine(model={self.model.model_name}, blocks={self.num_blocks}, "
                 f"router={self.program.router}, backend={self.backend.name}, "
-                f"bn_folded={self.program.folded}, channels_last={self.program.channels_last})")
+                f"bn_folded={self.program.folded}, channels_last={self.program.channels_last}, "
+                f"convolutions={self.program.convolutions})")
 
     # ----------------------------------------------------------------------------------
     def __call__(self, x: torch.Tensor, return_routing: bool = False,
@@ -85,20 +86,30 @@ class Engine:
         # Gates that read the pooled block output get it from the fused scatter.
         pooled_gates = online and prog.gate_runner.takes_pooled
         pooled = None
+        decisions = []  # online: block k's mask, decided by the gate after block k - 1
+        idx = None
         for k, block in enumerate(prog.blocks):
-            mask = routing[:, k]
-            active = int(mask.sum()) if online else counts[k]
+            if not online:
+                mask, active = routing[:, k], counts[k]
+            elif k == 0:  # the first block always runs
+                mask, active = routing[:, 0], n
+            else:  # one partition gives the block's count and its rows
+                mask = decisions[-1]
+                idx, count = self.backend.partition(mask)
+                active = int(count)
             gate_next = online and k + 1 < k_total
             if gate_next and pooled_gates:
-                h, pooled = self._run_block_pooled(block, h, mask, active, pooled)
+                h, pooled = self._run_block_pooled(block, h, mask, active, pooled, idx)
                 p, state = prog.gate_runner.step_pooled(k, pooled, state,
                                                         self.backend.recurrent_gate_step)
             else:
-                h = self._run_block(block, h, mask, active)
+                h = self._run_block(block, h, mask, active, idx)
                 if gate_next:
                     p, state = prog.gate_runner.step(k, h, state)
             if gate_next:
-                routing[:, k + 1] = model.decide(p)
+                decisions.append(model.decide(p).reshape(n))
+        if decisions:
+            routing[:, 1:] = torch.stack(decisions, dim=1)
         return prog.head(h), routing
 
     def _run_dense(self, dense: DenseProgram, x: torch.Tensor) -> torch.Tensor:
@@ -110,44 +121,41 @@ class Engine:
     def _run_block_all(self, block: ProgramBlock, h: torch.Tensor) -> torch.Tensor:
         # The shortcut output is engine-owned (h itself for an identity shortcut, which
         # no later step reads), so the block's result is written into it.
-        return block.branch_add_relu_(h, self._shortcut(block, h))
+        return block.branch_add_relu_(h, self._shortcut(block, h), self.backend)
 
     def _run_block(self, block: ProgramBlock, h: torch.Tensor, mask: torch.Tensor,
-                   active: int) -> torch.Tensor:
+                   active: int, idx: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The block on the rows of ``mask`` (``active`` of them; ``idx``: their
+        partition when the caller has it)."""
         n = h.shape[0]
         if active == n:  # fast path: the whole batch, no gather or scatter
             return self._run_block_all(block, h)
         out = self._shortcut(block, h)
         if active == 0:  # fast path: shortcut only
             return out
-        ops = self.backend
-        idx, _ = ops.partition(mask)
-        y = block.branch(ops.gather_rows(h, idx, active))
+        if idx is None:
+            idx, _ = self.backend.partition(mask)
         # For an identity shortcut ``out is h``: the scatter writes into the engine-owned
         # activation in place and the skipped rows are never touched.
-        ops.scatter_residual_relu_(out, y, idx, active)
-        return out
+        return block.rows_add_relu_(h, idx, active, out, self.backend)
 
     def _run_block_pooled(self, block: ProgramBlock, h: torch.Tensor, mask: torch.Tensor,
-                          active: int, pooled: Optional[torch.Tensor]):
+                          active: int, pooled: Optional[torch.Tensor],
+                          idx: Optional[torch.Tensor] = None):
         """``_run_block`` that also returns the block output's spatial mean [N, C] (the next
         gate's input). Behind an identity shortcut the rows a block skips are unchanged,
         so their cached means are kept and only the executed rows are pooled, inside the
         scatter's single pass."""
         if block.shortcut_kind != "identity" or pooled is None:
-            out = self._run_block(block, h, mask, active)
+            out = self._run_block(block, h, mask, active, idx)
             return out, out.mean(dim=(2, 3)).contiguous()
         if active == 0:
             return h, pooled
         if active == h.shape[0]:  # in place into h; the ReLU pass also pools
-            out = block.branch_add_(h, h)
-            self.backend.relu_pool_(out, pooled)
-            return out, pooled
-        ops = self.backend
-        idx, _ = ops.partition(mask)
-        y = block.branch(ops.gather_rows(h, idx, active))
-        ops.scatter_residual_relu_pool_(h, y, idx, active, pooled)
-        return h, pooled
+            return block.branch_add_relu_pool_(h, h, pooled, self.backend), pooled
+        if idx is None:
+            idx, _ = self.backend.partition(mask)
+        return block.rows_add_relu_pool_(h, idx, active, h, pooled, self.backend), pooled
 
     def _shortcut(self, block: ProgramBlock, h: torch.Tensor) -> torch.Tensor:
         if block.shortcut_kind == "identity":
@@ -158,20 +166,23 @@ class Engine:
 
 
 def compile(model: torch.nn.Module, backend: str = "auto", fold_bn: bool = True,
-            channels_last: bool = True) -> Engine:
+            channels_last: bool = True, convolutions: str = "auto") -> Engine:
     """Compile an eval-mode dynexec model into a regrouping Engine.
 
     backend: 'auto' (native on CPU; triton -> native -> torch on CUDA), 'native',
     'triton', 'torch', or 'triton-graph' (CUDA: no host sync, whole forward in a CUDA
     graph; see dynexec.graph_engine). fold_bn: fold eval-mode BatchNorm into the block convolutions
     (changes results only by float rounding). channels_last: run on NHWC activations
-    (faster convolutions; changes results only by float rounding). The engine snapshots
+    (faster convolutions; changes results only by float rounding). convolutions: the
+    implementation of the folded CPU float32 convolutions, 'auto' (best available),
+    'onednn' (dynexec's own oneDNN primitives), 'mkldnn' (torch's oneDNN op on pre-packed
+    weights) or 'aten' (F.conv2d); see dynexec.program.resolve_conv_impl. The engine snapshots
     the weights: compile again after changing the model.
     """
     if backend == "triton-graph":
         # The sync-free path: fused indexed convolutions, one CUDA graph per batch size.
         from .graph_engine import make_graph_engine
         return make_graph_engine(model, capture=True, fold_bn=fold_bn)
-    program = lower(model, fold_bn=fold_bn, channels_last=channels_last)
+    program = lower(model, fold_bn=fold_bn, channels_last=channels_last, convolutions=convolutions)
     device = next(model.parameters()).device
     return Engine(program, get_backend(backend, device))

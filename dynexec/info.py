@@ -29,6 +29,15 @@ def _op_rows(backend: str, ok: bool) -> list[tuple[str, str]]:
     return [(op, "yes") for op in OPS]
 
 
+def _conv_report() -> str:
+    from .program import onednn_direct_available, onednn_packing_available, resolve_conv_impl
+    version = int(torch.ops.dynexec.onednn_version()) if onednn_direct_available() else 0
+    onednn = (f"available (oneDNN {version // 10000}.{version // 100 % 100}.{version % 100})"
+              if version else "unavailable (dynexec._C built without oneDNN)")
+    return (f"auto -> {resolve_conv_impl('auto')}; onednn {onednn}; "
+            f"mkldnn {'available' if onednn_packing_available() else 'unavailable'}; aten available")
+
+
 def report() -> str:
     lines = [f"dynexec {__version__}  torch {torch.__version__}  python {platform.python_version()}",
              f"CUDA available: {torch.cuda.is_available()}"
@@ -46,6 +55,7 @@ def report() -> str:
         ok, reason = graph_backend_status(torch.device(device))
         lines.append(f"  triton-graph {'available' if ok else 'unavailable'}: {reason}")
         lines.append(f"  auto -> {get_backend('auto', device).name}")
+    lines.append(f"CPU float32 convolutions: {_conv_report()}")
     if not torch.cuda.is_available():
         lines.append("device cuda: not available (no CUDA device or CPU-only torch)")
     return "\n".join(lines)

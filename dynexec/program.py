@@ -27,19 +27,51 @@ from .models.skipnet import BasicBlock as SNBasic, Bottleneck as SNBottleneck
 from .ops import reference
 
 
+CONV_IMPLS = ("auto", "onednn", "mkldnn", "aten")
+
+
 def onednn_packing_available() -> bool:
     """oneDNN's fused convolution op (the one torch.compile's CPU backend uses) exists."""
     return torch.backends.mkldnn.is_available() and \
         hasattr(torch.ops.mkldnn, "_convolution_pointwise")
 
 
+def onednn_direct_available() -> bool:
+    """dynexec._C was built with its own oneDNN primitives (torch.classes.dynexec.OneDnnConv)."""
+    from ._native import load
+    module, _ = load()
+    return module is not None and torch.ops.dynexec.onednn_version() > 0
+
+
+def resolve_conv_impl(requested: str) -> str:
+    """The convolution implementation of CPU float32 NHWC programs:
+    'onednn' - primitives created once and executed directly by dynexec._C (fastest: no
+               per-call descriptor work, which dominates small routed sub-batches);
+    'mkldnn' - torch's oneDNN op on weights pre-packed once;
+    'aten'   - F.conv2d.
+    'auto' takes the first available. Other programs (NCHW, float64, CUDA) use F.conv2d."""
+    if requested not in CONV_IMPLS:
+        raise ValueError(f"convolutions must be one of {', '.join(CONV_IMPLS)}; got {requested!r}")
+    if requested == "onednn" and not onednn_direct_available():
+        raise ValueError("convolutions='onednn' needs dynexec._C built with oneDNN "
+                         "(pip install onednn-cpu-gomp onednn-devel-cpu-gomp, then rebuild); "
+                         "use 'mkldnn' or 'auto'")
+    if requested == "mkldnn" and not onednn_packing_available():
+        raise ValueError("convolutions='mkldnn' needs a torch built with oneDNN; use 'aten' or 'auto'")
+    if requested != "auto":
+        return requested
+    if onednn_direct_available():
+        return "onednn"
+    return "mkldnn" if onednn_packing_available() else "aten"
+
+
 @dataclass(frozen=True)
 class FoldedConv:
-    """A convolution with its BatchNorm folded in and an optional fused ReLU.
+    """A convolution with its BatchNorm folded in and an optional ReLU.
 
-    ``packed`` is the weight pre-reordered into oneDNN's blocked layout (CPU, float32,
-    channels_last programs): F.conv2d reorders the plain weight on every call, which costs
-    15-30 us per convolution and weighs most on the small sub-batches of routed blocks.
+    ``packed`` is the weight pre-reordered for torch's oneDNN op ('mkldnn', see
+    ``resolve_conv_impl``): F.conv2d reorders the plain weight on every call, 15-30 us per
+    convolution, which weighs most on the small sub-batches of routed blocks.
     """
     weight: torch.Tensor
     bias: torch.Tensor
@@ -72,13 +104,16 @@ class FoldedConv:
         return residual.add_(self(x))
 
     def packed_for_cpu(self) -> "FoldedConv":
-        """This conv with its weight packed for oneDNN, when that path applies."""
-        if not (self.weight.device.type == "cpu" and self.weight.dtype == torch.float32
-                and onednn_packing_available()):
+        """This conv on weights packed for torch's oneDNN op when it is a CPU float32 conv."""
+        if not self.is_cpu_float32:
             return self
         packed = torch._C._nn.mkldnn_reorder_conv2d_weight(
             self.weight.to_mkldnn(), [self.padding] * 2, [self.stride] * 2, [1, 1], 1)
         return FoldedConv(self.weight, self.bias, self.stride, self.padding, self.relu, packed)
+
+    @property
+    def is_cpu_float32(self) -> bool:
+        return self.weight.device.type == "cpu" and self.weight.dtype == torch.float32
 
 
 def fold_conv_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d, relu: bool) -> FoldedConv:
@@ -96,24 +131,43 @@ def fold_conv_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d, relu: bool) -> FoldedConv:
 
 
 class FoldedChain:
-    """A sequence of folded convs: the branch or the projection shortcut of a block."""
+    """A sequence of folded convs: the branch or the projection shortcut of a block, or a
+    stem's convolution. ``fused`` is the whole chain as one dynexec oneDNN object
+    (torch.classes.dynexec.OneDnnChain, convolutions='onednn'), which also runs the
+    engine's per-block steps around the chain in one call each (``rows_add_relu_`` ...)."""
 
-    def __init__(self, convs: list[FoldedConv]):
+    def __init__(self, convs: list[FoldedConv], fused: Optional[object] = None):
         self.convs = tuple(convs)
+        self.fused = fused
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fused is not None:
+            return self.fused.forward(x)
         for conv in self.convs:
             x = conv(x)
         return x
 
     def add_(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
         """residual += chain(x), in place, fused into the last convolution."""
+        if self.fused is not None:
+            return self.fused.add_(x, residual)
         for conv in self.convs[:-1]:
             x = conv(x)
         return self.convs[-1].add_(x, residual)
 
-    def packed_for_cpu(self) -> "FoldedChain":
-        return FoldedChain([c.packed_for_cpu() for c in self.convs])
+    def packed_for_cpu(self, impl: str) -> "FoldedChain":
+        """This chain on pre-packed weights of ``impl`` (see resolve_conv_impl) when all
+        its convs are CPU float32 convs; otherwise unchanged."""
+        if impl == "aten" or not all(c.is_cpu_float32 for c in self.convs):
+            return self
+        if impl == "mkldnn":
+            return FoldedChain([c.packed_for_cpu() for c in self.convs])
+        if not all(c.relu for c in self.convs[:-1]):  # OneDnnChain is conv, ReLU, ..., conv
+            return FoldedChain([c.packed_for_cpu() for c in self.convs])
+        fused = torch.classes.dynexec.OneDnnChain(
+            [c.weight for c in self.convs], [c.bias for c in self.convs],
+            [c.stride for c in self.convs], [c.padding for c in self.convs], self.convs[-1].relu)
+        return FoldedChain(self.convs, fused)
 
     @property
     def weights(self) -> list[torch.Tensor]:
@@ -123,9 +177,9 @@ class FoldedChain:
 class FoldedStem:
     """pre -> conv with BN folded and ReLU -> post."""
 
-    def __init__(self, view: StemView, pack: bool):
-        conv = fold_conv_bn(view.conv, view.bn, relu=True)
-        self.conv = conv.packed_for_cpu() if pack else conv
+    def __init__(self, view: StemView, pack: Optional[str]):
+        conv = FoldedChain([fold_conv_bn(view.conv, view.bn, relu=True)])
+        self.conv = conv.packed_for_cpu(pack) if pack else conv
         self.pre, self.post = view.pre, view.post
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
@@ -135,7 +189,7 @@ class FoldedStem:
         return self.post(x) if self.post is not None else x
 
 
-def _lower_stem(owner, fold_bn: bool, pack: bool) -> Callable[[torch.Tensor], torch.Tensor]:
+def _lower_stem(owner, fold_bn: bool, pack: Optional[str]) -> Callable[[torch.Tensor], torch.Tensor]:
     view = owner.stem_view() if fold_bn else None
     return FoldedStem(view, pack) if view is not None else owner.stem
 
@@ -223,6 +277,12 @@ class ProgramBlock:
     shortcut: Optional[Callable[[torch.Tensor], torch.Tensor]]
     out_channels: int
 
+    def _fused(self, ops) -> Optional[object]:
+        """The branch's OneDnnChain when it may run the regrouping steps too: they call
+        the native ops, so only with the native backend."""
+        fused = getattr(self.branch, "fused", None)
+        return fused if fused is not None and ops.name == "native" else None
+
     def branch_add_(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
         """residual += branch(x), in place (the caller owns ``residual``); fused into the
         last convolution when folded."""
@@ -231,9 +291,42 @@ class ProgramBlock:
             return fused(x, residual)
         return residual.add_(self.branch(x))
 
-    def branch_add_relu_(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+    def branch_add_relu_(self, x: torch.Tensor, residual: torch.Tensor, ops) -> torch.Tensor:
         """residual = relu(branch(x) + residual), in place."""
+        fused = self._fused(ops)
+        if fused is not None:
+            return fused.add_relu_(x, residual)
         return self.branch_add_(x, residual).relu_()
+
+    def branch_add_relu_pool_(self, x: torch.Tensor, residual: torch.Tensor,
+                              pooled: torch.Tensor, ops) -> torch.Tensor:
+        """branch_add_relu_, and pooled = the result's spatial mean [N, C]."""
+        fused = self._fused(ops)
+        if fused is not None:
+            return fused.add_relu_pool_(x, residual, pooled)
+        out = self.branch_add_(x, residual)
+        ops.relu_pool_(out, pooled)
+        return out
+
+    def rows_add_relu_(self, h: torch.Tensor, idx: torch.Tensor, count: int,
+                       out: torch.Tensor, ops) -> torch.Tensor:
+        """The routed step: out[i] = relu(out[i] + branch(h[i])) for i in idx[:count]
+        (gather, branch on the sub-batch, fused scatter); other rows untouched."""
+        fused = self._fused(ops)
+        if fused is not None:
+            return fused.rows_add_relu_(h, idx, count, out)
+        ops.scatter_residual_relu_(out, self.branch(ops.gather_rows(h, idx, count)), idx, count)
+        return out
+
+    def rows_add_relu_pool_(self, h: torch.Tensor, idx: torch.Tensor, count: int,
+                            out: torch.Tensor, pooled: torch.Tensor, ops) -> torch.Tensor:
+        """rows_add_relu_, and pooled[i] = out[i]'s spatial mean for the same rows."""
+        fused = self._fused(ops)
+        if fused is not None:
+            return fused.rows_add_relu_pool_(h, idx, count, out, pooled)
+        y = self.branch(ops.gather_rows(h, idx, count))
+        ops.scatter_residual_relu_pool_(out, y, idx, count, pooled)
+        return out
 
 
 @dataclass(frozen=True)
@@ -256,13 +349,14 @@ class Program:
     policy: Optional[DenseProgram] = None    # planned routers: probabilities [N, K]
     folded: bool = False
     channels_last: bool = False
+    convolutions: str = "aten"               # of the folded CPU float32 convs: see resolve_conv_impl
 
     @property
     def num_blocks(self) -> int:
         return len(self.blocks)
 
 
-def _lower_block(view: BlockView, fold_bn: bool, pack: bool) -> ProgramBlock:
+def _lower_block(view: BlockView, fold_bn: bool, pack: Optional[str]) -> ProgramBlock:
     branch = _fold_branch(view.branch) if fold_bn else None
     shortcut = view.shortcut
     if view.shortcut_kind == "projection" and fold_bn:
@@ -270,24 +364,27 @@ def _lower_block(view: BlockView, fold_bn: bool, pack: bool) -> ProgramBlock:
     if view.shortcut_kind == "downsample_b" and not isinstance(view.shortcut, DownsampleB):
         raise TypeError(f"downsample_b shortcut must be a DownsampleB, got {type(view.shortcut)}")
     if pack:
-        branch = branch.packed_for_cpu() if branch is not None else None
+        branch = branch.packed_for_cpu(pack) if branch is not None else None
         if isinstance(shortcut, FoldedChain):
-            shortcut = shortcut.packed_for_cpu()
+            shortcut = shortcut.packed_for_cpu(pack)
     return ProgramBlock(branch=branch or view.branch, shortcut_kind=view.shortcut_kind,
                         shortcut=shortcut, out_channels=view.out_channels)
 
 
-def lower(model: RoutedModel, fold_bn: bool = True, channels_last: bool = False) -> Program:
+def lower(model: RoutedModel, fold_bn: bool = True, channels_last: bool = False,
+          convolutions: str = "auto") -> Program:
     """Lower an eval-mode routed model into a Program. ``channels_last`` runs the blocks
-    on NHWC activations (faster convolutions on CPU and GPU)."""
+    on NHWC activations (faster convolutions on CPU and GPU); ``convolutions`` picks the
+    implementation of the folded CPU float32 convolutions (``resolve_conv_impl``)."""
     if not isinstance(model, RoutedModel):
         raise TypeError(f"dynexec can compile the models of dynexec.models (SkipNet, BlockDrop, "
                         f"plain ResNets); got {type(model).__name__}")
     if model.training:
         raise ValueError("compile expects an eval-mode model (BatchNorm must use running "
                          "statistics); call model.eval() first")
+    impl = resolve_conv_impl(convolutions)
     # oneDNN's packed weights return channels_last outputs, so only NHWC programs use them.
-    pack = fold_bn and channels_last
+    pack = impl if fold_bn and channels_last else None
     blocks = tuple(_lower_block(v, fold_bn, pack) for v in model.block_views())
     gate_runner = lower_gates(model, fuse=fold_bn) if model.router == "online" else None
     policy = None
@@ -298,4 +395,4 @@ def lower(model: RoutedModel, fold_bn: bool = True, channels_last: bool = False)
     return Program(model=model, stem=_lower_stem(model, fold_bn, pack), blocks=blocks, head=model.head,
                    router=model.router, gate_runner=gate_runner, policy=policy,
                    folded=fold_bn,
-                   channels_last=channels_last)
+                   channels_last=channels_last, convolutions=pack or "aten")

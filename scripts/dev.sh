@@ -40,7 +40,8 @@ setup() {
   fi
   log "building dynexec (native extension dynexec._C)"
   local build_log="$VENV/.dynexec-build.log"
-  if ! python -m pip install --no-build-isolation --no-deps -e . >"$build_log" 2>&1; then
+  # DYNEXEC_ONEDNN=1: the pinned oneDNN wheels are installed, so the build must use them.
+  if ! DYNEXEC_ONEDNN=1 python -m pip install --no-build-isolation --no-deps -e . >"$build_log" 2>&1; then
     cat "$build_log" >&2
     log "ERROR: building dynexec failed (log above)"
     exit 1
@@ -53,7 +54,10 @@ warnings.simplefilter("ignore")
 from dynexec.ops import backend_status
 ok, why = backend_status("cpu")["native"]
 print("[dev.sh] native backend:", "available" if ok else "MISSING - " + why, file=sys.stderr)
-sys.exit(0 if ok else 1)
+from dynexec.program import onednn_direct_available
+onednn = ok and onednn_direct_available()
+print("[dev.sh] oneDNN convolutions:", "available" if onednn else "MISSING", file=sys.stderr)
+sys.exit(0 if onednn else 1)
 PY
 }
 

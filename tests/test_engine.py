@@ -141,22 +141,44 @@ def test_compile_errors():
         engine(x, routing=torch.ones(2, 8))
 
 
-@pytest.mark.skipif(not dynexec.program.onednn_packing_available(), reason="torch built without oneDNN")
-@pytest.mark.parametrize("family", ["skipnet-cifar-rnn", "blockdrop-cifar"])
-def test_onednn_packed_weights_used_and_exact_layout(family):
-    """CPU float32 NHWC programs run their folded convolutions on pre-packed oneDNN weights
-    (the fast path the benchmarks measure); NCHW and float64 programs keep F.conv2d."""
+CONV_IMPLS = [c for c, ok in (("onednn", dynexec.program.onednn_direct_available()),
+                                ("mkldnn", dynexec.program.onednn_packing_available())) if ok]
+
+
+@pytest.mark.parametrize("convolutions", CONV_IMPLS)
+@pytest.mark.parametrize("backend", [b for b in ("native", "torch") if backend_status("cpu")[b][0]])
+@pytest.mark.parametrize("family", ["skipnet-cifar-rnn", "blockdrop-cifar", "skipnet-imagenet-bottleneck"])
+def test_packed_convolutions_used_and_exact_layout(family, backend, convolutions):
+    """CPU float32 NHWC programs run their folded convolutions on pre-packed weights (the
+    fast paths the benchmarks measure: dynexec's own oneDNN chains or torch's oneDNN op);
+    NCHW and float64 programs keep F.conv2d. Same logits and routing either way."""
     model = make_model(family)
-    packed = dynexec.compile(model)
-    plain = dynexec.compile(model, channels_last=False)
-    assert all(c.packed is not None for b in packed.program.blocks for c in b.branch.convs)
+    packed = dynexec.compile(model, backend=backend, convolutions=convolutions)
+    plain = dynexec.compile(model, backend=backend, channels_last=False)
+    assert packed.program.convolutions == convolutions and f"convolutions={convolutions}" in repr(packed)
+    for b in packed.program.blocks:
+        if convolutions == "onednn":
+            assert b.branch.fused is not None
+        else:
+            assert all(c.packed is not None for c in b.branch.convs)
     assert all(c.packed is None for b in plain.program.blocks for c in b.branch.convs)
-    x = torch.randn(7, 3, 32, 32)
-    (a, ra), (b, rb) = packed(x, return_routing=True), plain(x, return_routing=True)
-    assert torch.equal(ra, rb)
-    assert rel_err(a, b) < 1e-5
-    double = dynexec.compile(make_model(family).double())
+    assert all(b.branch.fused is None for b in plain.program.blocks)
+    for n in (7, 1, 3):
+        x = _x(family, n, seed=n)
+        (a, ra), (b, rb) = packed(x, return_routing=True), plain(x, return_routing=True)
+        assert torch.equal(ra, rb)
+        assert rel_err(a, b) < 1e-5
+    double = dynexec.compile(make_model(family).double(), convolutions=convolutions)
     assert all(c.packed is None for b in double.program.blocks for c in b.branch.convs)
+    assert all(b.branch.fused is None for b in double.program.blocks)
+
+
+def test_unknown_or_unavailable_convolutions_are_refused():
+    model = make_model("blockdrop-cifar")
+    with pytest.raises(ValueError, match="convolutions must be one of auto, onednn, mkldnn, aten"):
+        dynexec.compile(model, convolutions="winograd")
+    aten = dynexec.compile(model, convolutions="aten")
+    assert all(c.packed is None for b in aten.program.blocks for c in b.branch.convs)
 
 
 @pytest.mark.parametrize("backend", [b for b in ("native", "triton", "torch")

@@ -1,0 +1,182 @@
+#include "packed_conv.h"
+
+#include <ATen/MemoryOverlap.h>
+#include <ATen/Parallel.h>
+#include <ATen/record_function.h>
+
+#include <map>
+#include <unordered_map>
+#include <utility>
+
+namespace dynexec {
+namespace onednn {
+namespace {
+
+using dnnl::memory;
+using Dims = memory::dims;
+
+dnnl::engine& cpu_engine() {
+  static dnnl::engine engine(dnnl::engine::kind::cpu, 0);
+  return engine;
+}
+
+dnnl::stream& thread_stream() {
+  thread_local dnnl::stream stream(cpu_engine());
+  return stream;
+}
+
+// A primitive holds no weights, so one cache serves every convolution of a geometry
+// (a CIFAR ResNet-110 has a handful of geometries and 100+ convolutions).
+// Key: (n, ic, h, w, oc, kh, kw, stride, padding, sum post-op).
+using PlanKey = std::array<int64_t, 10>;
+
+struct Plan {
+  dnnl::convolution_forward primitive;
+  memory::desc src, dst, bias, scratchpad;
+};
+
+dnnl::convolution_forward::primitive_desc describe(const PlanKey& k, const memory::desc& wei_md) {
+  const auto [n, ic, h, w, oc, kh, kw, stride, pad, sum] = k;
+  const int64_t oh = (h + 2 * pad - kh) / stride + 1, ow = (w + 2 * pad - kw) / stride + 1;
+  const auto f32 = memory::data_type::f32;
+  dnnl::primitive_attr attr;
+  // User scratchpad: concurrent calls from several threads never share a buffer.
+  attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
+  if (sum) {
+    dnnl::post_ops ops;
+    ops.append_sum(1.0f);
+    attr.set_post_ops(ops);
+  }
+  return dnnl::convolution_forward::primitive_desc(
+      cpu_engine(), dnnl::prop_kind::forward_inference, dnnl::algorithm::convolution_direct,
+      memory::desc({n, ic, h, w}, f32, memory::format_tag::nhwc), wei_md,
+      memory::desc({oc}, f32, memory::format_tag::a),
+      memory::desc({n, oc, oh, ow}, f32, memory::format_tag::nhwc), Dims{stride, stride},
+      Dims{pad, pad}, Dims{pad, pad}, attr);
+}
+
+// The plan of key for weights in layout wei_md. Creating one costs ~0.1-1 ms (oneDNN's
+// JIT), so it happens once per key; entries are never evicted (a model has a few
+// geometries times the batch sizes it sees).
+const Plan& plan_for(const PlanKey& key, const memory::desc& wei_md) {
+  static std::mutex mu;
+  static std::map<PlanKey, Plan> plans;
+  std::lock_guard<std::mutex> lock(mu);
+  auto it = plans.find(key);
+  if (it == plans.end()) {
+    const auto pd = describe(key, wei_md);
+    it = plans.emplace(key, Plan{dnnl::convolution_forward(pd), pd.src_desc(), pd.dst_desc(),
+                                 pd.bias_desc(), pd.scratchpad_desc()})
+             .first;
+  }
+  return it->second;
+}
+
+}  // namespace
+
+PackedConv::PackedConv(const at::Tensor& weight, const at::Tensor& bias, int64_t stride,
+                       int64_t padding, std::string name)
+    : name_(std::move(name)), stride_(stride), padding_(padding) {
+  TORCH_CHECK(weight.device().is_cpu() && weight.scalar_type() == at::kFloat && weight.dim() == 4 &&
+                  weight.numel() > 0,
+              name_, ": expected a non-empty float32 CPU weight [OC, IC, KH, KW], got ",
+              weight.scalar_type(), " on ", weight.device(), " with shape ", weight.sizes());
+  TORCH_CHECK(bias.device().is_cpu() && bias.scalar_type() == at::kFloat && bias.dim() == 1 &&
+                  bias.size(0) == weight.size(0),
+              name_, ": expected a float32 CPU bias [", weight.size(0), "], got ", bias.scalar_type(),
+              " on ", bias.device(), " with shape ", bias.sizes());
+  TORCH_CHECK(stride >= 1 && padding >= 0, name_, ": expected stride >= 1 and padding >= 0, got ",
+              stride, " and ", padding);
+  weight_ = weight.contiguous();
+  bias_ = bias.contiguous();
+  oc_ = weight.size(0);
+  ic_ = weight.size(1);
+  kh_ = weight.size(2);
+  kw_ = weight.size(3);
+}
+
+at::Tensor PackedConv::checked_input(const at::Tensor& x) const {
+  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.dim() == 4 && x.size(1) == ic_,
+              name_, ": expected a float32 CPU input [N, ", ic_, ", H, W], got ", x.scalar_type(),
+              " on ", x.device(), " with shape ", x.sizes());
+  TORCH_CHECK(x.size(2) + 2 * padding_ >= kh_ && x.size(3) + 2 * padding_ >= kw_, name_,
+              ": the input's spatial size ", x.size(2), "x", x.size(3), " is smaller than the kernel ",
+              kh_, "x", kw_, " with padding ", padding_);
+  return x.is_contiguous(at::MemoryFormat::ChannelsLast) ? x : x.contiguous(at::MemoryFormat::ChannelsLast);
+}
+
+std::array<int64_t, 4> PackedConv::output_shape(const at::Tensor& x) const {
+  return {x.size(0), oc_, (x.size(2) + 2 * padding_ - kh_) / stride_ + 1,
+          (x.size(3) + 2 * padding_ - kw_) / stride_ + 1};
+}
+
+at::Tensor PackedConv::forward(const at::Tensor& input) {
+  const at::Tensor x = checked_input(input);
+  at::Tensor out = at::empty(output_shape(x), x.options().memory_format(at::MemoryFormat::ChannelsLast));
+  if (x.size(0) > 0) run(x, out, /*sum=*/false);
+  return out;
+}
+
+void PackedConv::add_(const at::Tensor& input, const at::Tensor& residual) {
+  const at::Tensor x = checked_input(input);
+  const auto shape = output_shape(x);
+  TORCH_CHECK(residual.device().is_cpu() && residual.scalar_type() == at::kFloat &&
+                  residual.sizes() == at::IntArrayRef(shape),
+              name_, ": expected a float32 CPU residual of shape ", at::IntArrayRef(shape), ", got ",
+              residual.scalar_type(), " on ", residual.device(), " with shape ", residual.sizes());
+  at::assert_no_internal_overlap(residual);
+  at::assert_no_overlap(residual, x);
+  if (x.size(0) == 0) return;
+  if (!residual.is_contiguous(at::MemoryFormat::ChannelsLast)) {
+    at::Tensor(residual).add_(forward(x));  // no in-place epilogue into this layout
+    return;
+  }
+  run(x, residual, /*sum=*/true);
+}
+
+// The weights, reordered once into the layout oneDNN prefers for the first input seen
+// (sub-batches of other sizes reuse that layout: their primitives are created for it).
+const dnnl::memory& PackedConv::packed_weights(const at::Tensor& x) {
+  std::call_once(packed_once_, [&] {
+    const memory::desc any({oc_, ic_, kh_, kw_}, memory::data_type::f32, memory::format_tag::any);
+    const PlanKey first{x.size(0), ic_, x.size(2), x.size(3), oc_, kh_, kw_, stride_, padding_, 0};
+    const auto wei_md = describe(first, any).weights_desc();
+    memory plain({{oc_, ic_, kh_, kw_}, memory::data_type::f32, memory::format_tag::oihw}, cpu_engine(),
+                 weight_.data_ptr<float>());
+    packed_storage_ = at::empty({static_cast<int64_t>(wei_md.get_size())}, weight_.options().dtype(at::kByte));
+    dnnl::memory packed(wei_md, cpu_engine(), packed_storage_.data_ptr());
+    dnnl::reorder(plain, packed).execute(thread_stream(), plain, packed);
+    thread_stream().wait();
+    packed_ = packed;
+  });
+  return packed_;
+}
+
+void PackedConv::run(const at::Tensor& x, const at::Tensor& out, bool sum) {
+  // Visible to torch.profiler like an op (the class methods bypass the dispatcher).
+  RECORD_FUNCTION(sum ? "dynexec::onednn_conv_add_" : "dynexec::onednn_conv", std::vector<c10::IValue>());
+  const memory& weights = packed_weights(x);
+  const PlanKey key{x.size(0), ic_, x.size(2), x.size(3), oc_, kh_, kw_, stride_, padding_, sum ? 1 : 0};
+  const Plan& plan = plan_for(key, weights.get_desc());
+  at::internal::lazy_init_num_threads();  // this thread's OpenMP team follows torch's setting
+  auto& engine = cpu_engine();
+  std::unordered_map<int, memory> args{{DNNL_ARG_SRC, memory(plan.src, engine, x.data_ptr())},
+                                       {DNNL_ARG_WEIGHTS, weights},
+                                       {DNNL_ARG_BIAS, memory(plan.bias, engine, bias_.data_ptr())},
+                                       {DNNL_ARG_DST, memory(plan.dst, engine, out.data_ptr())}};
+  at::Tensor scratch;
+  if (const size_t bytes = plan.scratchpad.get_size(); bytes > 0) {
+    scratch = at::empty({static_cast<int64_t>(bytes)}, x.options().dtype(at::kByte));
+    args.emplace(DNNL_ARG_SCRATCHPAD, memory(plan.scratchpad, engine, scratch.data_ptr()));
+  }
+  plan.primitive.execute(thread_stream(), args);
+  thread_stream().wait();
+}
+
+int64_t version() {
+  const dnnl_version_t* v = dnnl_version();
+  return v->major * 10000 + v->minor * 100 + v->patch;
+}
+
+}  // namespace onednn
+}  // namespace dynexec
