@@ -32,6 +32,7 @@ import dynexec
 from dynexec.flops import count_flops
 from dynexec.graph_engine import graph_backend_status
 from dynexec.ops import backend_status
+from dynexec.program import CONV_IMPLS, resolve_conv_impl
 from dynexec.presets import PRESETS, build_preset, default_presets
 
 ROW_FIELDS = ["model", "routing_source", "device", "gpu", "batch_size", "method", "backend",
@@ -167,7 +168,8 @@ def run(args) -> dict:
         inputs[model_name] = label
         images = images.to(device)
         table = count_flops(model)
-        engines = {b: dynexec.compile(model, backend=b) for b in args.backends}
+        engines = {b: dynexec.compile(model, backend=b, convolutions=args.convolutions)
+                   for b in args.backends}
         for batch in args.batch_sizes:
             # A pool of distinct batches (fewer for big inputs, to bound memory).
             n_batches = max(1, min(args.pool, images.shape[0] // batch,
@@ -235,6 +237,7 @@ def machine_info(device: torch.device, args) -> dict:
     info = {"torch": torch.__version__, "dynexec": dynexec.__version__, "python": platform.python_version(),
             "device": device.type, "cpu_model": cpu, "threads": torch.get_num_threads(),
             "gpu_label": args.gpu or "", "command": " ".join(sys.argv),
+            "convolutions": resolve_conv_impl(args.convolutions),
             "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     if device.type == "cuda":
         info["gpu_name"] = torch.cuda.get_device_name(0)
@@ -315,6 +318,9 @@ def parse_args(argv=None):
     p.add_argument("--pool", type=int, default=8,
                    help="distinct input batches cycled through the timed rounds (fresh routing)")
     p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
+    p.add_argument("--convolutions", default="auto", choices=list(CONV_IMPLS),
+                   help="CPU float32 convolution implementation of the engines "
+                        "(dynexec.compile's convolutions=; default: the best available)")
     p.add_argument("--calibration", type=int, default=64, help="images used to calibrate routing")
     p.add_argument("--json"), p.add_argument("--csv"), p.add_argument("--plot", help="PNG path")
     p.add_argument("--quick", action="store_true", help="small run (< 90 s on 2 CPU cores)")
