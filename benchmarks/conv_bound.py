@@ -26,6 +26,7 @@ import torch
 
 import dynexec
 from dynexec.presets import PRESETS, build_preset
+from dynexec.program import CONV_IMPLS, resolve_conv_impl
 from latency import load_images
 
 
@@ -43,10 +44,10 @@ def profiled(fn) -> tuple[float, float]:
     return wall, _conv_ms(prof)
 
 
-def measure(name: str, batch: int, repeats: int) -> dict:
+def measure(name: str, batch: int, repeats: int, convolutions: str = "auto") -> dict:
     images, source = load_images("auto", PRESETS[name].input_size, max(batch, 64))
     model, routing_source = build_preset(name, images[:64])
-    engine = dynexec.compile(model)
+    engine = dynexec.compile(model, convolutions=convolutions)
     x = images[:batch]
     _, routing = engine(x, return_routing=True)
     dense_routing = torch.ones_like(routing)
@@ -61,7 +62,7 @@ def measure(name: str, batch: int, repeats: int) -> dict:
            for k, v in samples.items()}
     fraction = routing.float().mean().item()
     (dw, dc), (rw, rc) = med["dense"], med["routed"]
-    return {"model": name, "routing_source": routing_source, "data": source, "batch_size": batch,
+    return {"model": name, "convolutions": engine.program.convolutions, "routing_source": routing_source, "data": source, "batch_size": batch,
             "executed_fraction": fraction, "dense_conv_ms": dc, "routed_conv_ms": rc,
             "dense_other_ms": dw - dc, "routed_other_ms": rw - rc,
             "conv_realization": (dc / rc) * fraction}
@@ -73,16 +74,19 @@ def main(argv=None) -> None:
     p.add_argument("--batch-sizes", default="8,32,64,128")
     p.add_argument("--repeats", type=int, default=15)
     p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
+    p.add_argument("--convolutions", default="auto", choices=list(CONV_IMPLS),
+                   help="convolution implementation (dynexec.compile's convolutions=)")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    print(f"threads={torch.get_num_threads()}  torch {torch.__version__}")
+    print(f"threads={torch.get_num_threads()}  torch {torch.__version__}  "
+          f"convolutions={resolve_conv_impl(args.convolutions)}")
     print(f"{'model':14s} {'batch':>5s} {'executed':>8s} {'dense conv ms':>13s} "
           f"{'routed conv ms':>14s} {'conv realization':>16s} {'dense other ms':>14s} "
           f"{'routed other ms':>15s}")
     for name in args.models.split(","):
         for batch in (int(b) for b in args.batch_sizes.split(",")):
-            row = measure(name, batch, args.repeats)
+            row = measure(name, batch, args.repeats, args.convolutions)
             print(f"{name:14s} {batch:5d} {row['executed_fraction']:8.3f} "
                   f"{row['dense_conv_ms']:13.2f} {row['routed_conv_ms']:14.2f} "
                   f"{row['conv_realization']:16.3f} {row['dense_other_ms']:14.2f} "

@@ -80,6 +80,9 @@ class Engine:
 
         h = prog.stem(x)
         online = prog.router == "online" and forced is None
+        if online and prog.native_loop is not None and self.backend.name == "native":
+            h, routing = prog.native_loop.run(h)  # the loop below, in C++
+            return prog.head(h), routing
         state = prog.gate_runner.init_state(n, h) if online else None
         # A routing known up front: every block's count in one reduction.
         counts = None if online else routing.sum(dim=0).tolist()

@@ -347,6 +347,9 @@ class Program:
     router: str                              # 'none' | 'planned' | 'online'
     gate_runner: Optional[object] = None     # online: init_state(n, like), step(k, h, state)
     policy: Optional[DenseProgram] = None    # planned routers: probabilities [N, K]
+    # online recurrent-gate programs on OneDnnChains: the whole block loop in C++
+    # (torch.classes.dynexec.RecurrentBlocks), used with the native backend
+    native_loop: Optional[object] = None
     folded: bool = False
     channels_last: bool = False
     convolutions: str = "aten"               # of the folded CPU float32 convs: see resolve_conv_impl
@@ -369,6 +372,23 @@ def _lower_block(view: BlockView, fold_bn: bool, pack: Optional[str]) -> Program
             shortcut = shortcut.packed_for_cpu(pack)
     return ProgramBlock(branch=branch or view.branch, shortcut_kind=view.shortcut_kind,
                         shortcut=shortcut, out_channels=view.out_channels)
+
+
+def _native_recurrent_loop(blocks: tuple[ProgramBlock, ...], gates) -> Optional[object]:
+    """The block loop as one torch.classes.dynexec.RecurrentBlocks when every branch and
+    projection shortcut is a OneDnnChain and the gates are recurrent; else None."""
+    if not isinstance(gates, RecurrentGates):
+        return None
+    fused = lambda chain: getattr(chain, "fused", None)
+    if any(fused(b.branch) is None or b.shortcut_kind not in ("identity", "projection")
+           or (b.shortcut_kind == "projection" and fused(b.shortcut) is None) for b in blocks):
+        return None
+    loop = torch.classes.dynexec.RecurrentBlocks(gates.w_ih, gates.w_hh, gates.b_ih, gates.b_hh,
+                                                 gates.proj_w, gates.proj_b)
+    for k, b in enumerate(blocks):
+        loop.add_block(fused(b.branch), fused(b.shortcut) if b.shortcut_kind == "projection" else None,
+                       gates.embed_w[k], gates.embed_b[k])
+    return loop
 
 
 def lower(model: RoutedModel, fold_bn: bool = True, channels_last: bool = False,
@@ -394,5 +414,6 @@ def lower(model: RoutedModel, fold_bn: bool = True, channels_last: bool = False,
                               blocks=tuple(_lower_block(v, fold_bn, pack) for v in agent.block_views()))
     return Program(model=model, stem=_lower_stem(model, fold_bn, pack), blocks=blocks, head=model.head,
                    router=model.router, gate_runner=gate_runner, policy=policy,
+                   native_loop=_native_recurrent_loop(blocks, gate_runner),
                    folded=fold_bn,
                    channels_last=channels_last, convolutions=pack or "aten")

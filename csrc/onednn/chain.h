@@ -1,0 +1,144 @@
+// torch.classes.dynexec.OneDnnChain: a residual branch (or a stem, or a projection
+// shortcut) as a chain of packed oneDNN convolutions, ReLU after every convolution but
+// the last, and the engine's per-block steps around it in one call each:
+//
+//   forward(x)                                  chain(x)
+//   add_(x, residual)                           residual += chain(x)
+//   add_relu_(x, residual)                      residual = relu(residual + chain(x))
+//   add_relu_pool_(x, residual, pooled)         ... and pooled = its spatial mean
+//   rows_add_relu_(x, idx, count, out)          the routed step: gather x[idx[:count]],
+//                                               chain, scatter relu(out[idx] + y) into out
+//   rows_add_relu_pool_(x, idx, count, out, pooled)   ... and pooled[idx] = row means
+//
+// A routed block otherwise costs ~5 Python-level op calls (~5 us each) around two
+// convolutions of a few samples; here it is one. The regrouping steps are the native
+// ops (torch.ops.dynexec.*, called through the dispatcher), so they keep their checks.
+// ReLUs are torch's (NaN propagates); oneDNN's fused ReLU would map NaN to 0.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/custom_class.h>
+#include <torch/library.h>
+
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "packed_conv.h"
+
+namespace dynexec {
+
+// The native regrouping ops, through the dispatcher (so they keep their checks).
+namespace native {
+
+inline c10::Dispatcher& dispatcher() { return c10::Dispatcher::singleton(); }
+
+inline at::Tensor gather_rows(const at::Tensor& x, const at::Tensor& idx, int64_t count) {
+  static auto op = dispatcher().findSchemaOrThrow("dynexec::gather_rows", "")
+                       .typed<at::Tensor(const at::Tensor&, const at::Tensor&, c10::SymInt)>();
+  return op.call(x, idx, count);
+}
+
+inline void scatter_residual_relu_(const at::Tensor& out, const at::Tensor& y, const at::Tensor& idx,
+                            int64_t count) {
+  static auto op = dispatcher().findSchemaOrThrow("dynexec::scatter_residual_relu_", "")
+                       .typed<void(const at::Tensor&, const at::Tensor&, const at::Tensor&, c10::SymInt)>();
+  op.call(out, y, idx, count);
+}
+
+inline void scatter_residual_relu_pool_(const at::Tensor& out, const at::Tensor& y, const at::Tensor& idx,
+                                 int64_t count, const at::Tensor& pooled) {
+  static auto op =
+      dispatcher()
+          .findSchemaOrThrow("dynexec::scatter_residual_relu_pool_", "")
+          .typed<void(const at::Tensor&, const at::Tensor&, const at::Tensor&, c10::SymInt, const at::Tensor&)>();
+  op.call(out, y, idx, count, pooled);
+}
+
+inline void relu_pool_(const at::Tensor& x, const at::Tensor& pooled) {
+  static auto op = dispatcher().findSchemaOrThrow("dynexec::relu_pool_", "")
+                       .typed<void(const at::Tensor&, const at::Tensor&)>();
+  op.call(x, pooled);
+}
+
+}  // namespace native
+
+class OneDnnChain : public torch::CustomClassHolder {
+ public:
+  // Convolution i: weights[i] [OC, IC, KH, KW], biases[i] [OC] (float32, CPU), strides[i],
+  // paddings[i]. relu_last: forward() also applies a ReLU after the last convolution
+  // (a stem); the add methods need relu_last == false.
+  OneDnnChain(std::vector<at::Tensor> weights, std::vector<at::Tensor> biases, std::vector<int64_t> strides,
+              std::vector<int64_t> paddings, bool relu_last)
+      : relu_last_(relu_last) {
+    const size_t n = weights.size();
+    TORCH_CHECK(n > 0 && biases.size() == n && strides.size() == n && paddings.size() == n,
+                "OneDnnChain: expected one weight, bias, stride and padding per convolution (at least "
+                "one), got ", n, " weights, ", biases.size(), " biases, ", strides.size(), " strides, ",
+                paddings.size(), " paddings");
+    for (size_t i = 0; i < n; ++i) {
+      convs_.push_back(std::make_unique<onednn::PackedConv>(weights[i], biases[i], strides[i], paddings[i],
+                                                            "OneDnnChain conv " + std::to_string(i)));
+      TORCH_CHECK(i == 0 || convs_[i]->in_channels() == convs_[i - 1]->out_channels(),
+                  "OneDnnChain: conv ", i, " expects ", convs_[i]->in_channels(),
+                  " input channels but conv ", i - 1, " outputs ", convs_[i - 1]->out_channels());
+    }
+  }
+
+  at::Tensor forward(const at::Tensor& x) {
+    at::Tensor y = all_but_last(x);
+    y = convs_.back()->forward(y);
+    return relu_last_ ? y.relu_() : y;
+  }
+
+  at::Tensor add_(const at::Tensor& x, at::Tensor residual) {
+    check_no_relu_last("add_");
+    convs_.back()->add_(all_but_last(x), residual);
+    return residual;
+  }
+
+  at::Tensor add_relu_(const at::Tensor& x, at::Tensor residual) {
+    return add_(x, residual).relu_();
+  }
+
+  at::Tensor add_relu_pool_(const at::Tensor& x, at::Tensor residual, const at::Tensor& pooled) {
+    add_(x, residual);
+    native::relu_pool_(residual, pooled);
+    return residual;
+  }
+
+  at::Tensor rows_add_relu_(const at::Tensor& x, const at::Tensor& idx, int64_t count, at::Tensor out) {
+    check_no_relu_last("rows_add_relu_");
+    if (count == 0) return out;
+    native::scatter_residual_relu_(out, forward(native::gather_rows(x, idx, count)), idx, count);
+    return out;
+  }
+
+  at::Tensor rows_add_relu_pool_(const at::Tensor& x, const at::Tensor& idx, int64_t count, at::Tensor out,
+                                 const at::Tensor& pooled) {
+    check_no_relu_last("rows_add_relu_pool_");
+    native::scatter_residual_relu_pool_(out, forward(native::gather_rows(x, idx, count)), idx, count, pooled);
+    return out;
+  }
+
+  int64_t num_convs() const { return static_cast<int64_t>(convs_.size()); }
+
+ private:
+  at::Tensor all_but_last(const at::Tensor& x) {
+    at::Tensor y = x;
+    for (size_t i = 0; i + 1 < convs_.size(); ++i) y = convs_[i]->forward(y).relu_();
+    return y;
+  }
+
+  void check_no_relu_last(const char* method) const {
+    TORCH_CHECK(!relu_last_, "OneDnnChain.", method, ": this chain ends in a ReLU (a stem); the add "
+                "methods are for residual branches");
+  }
+
+  std::vector<std::unique_ptr<onednn::PackedConv>> convs_;
+  bool relu_last_;
+};
+
+}  // namespace dynexec
+
