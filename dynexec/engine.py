@@ -80,8 +80,12 @@ class Engine:
 
         h = prog.stem(x)
         online = prog.router == "online" and forced is None
-        if online and prog.native_loop is not None and self.backend.name == "native":
-            h, routing = prog.native_loop.run(h)  # the loop below, in C++
+        native = prog.native_loop if self.backend.name == "native" else None
+        if native is not None and (native.recurrent or not online):  # the loop below, in C++
+            if online:
+                h, routing = native.loop.run_recurrent(h)
+            else:
+                h = native.loop.run_planned(h, routing)
             return prog.head(h), routing
         state = prog.gate_runner.init_state(n, h) if online else None
         # A routing known up front: every block's count in one reduction.

@@ -347,9 +347,7 @@ class Program:
     router: str                              # 'none' | 'planned' | 'online'
     gate_runner: Optional[object] = None     # online: init_state(n, like), step(k, h, state)
     policy: Optional[DenseProgram] = None    # planned routers: probabilities [N, K]
-    # online recurrent-gate programs on OneDnnChains: the whole block loop in C++
-    # (torch.classes.dynexec.RecurrentBlocks), used with the native backend
-    native_loop: Optional[object] = None
+    native_loop: Optional[NativeLoop] = None  # the block loop in C++ (OneDnnChain programs)
     folded: bool = False
     channels_last: bool = False
     convolutions: str = "aten"               # of the folded CPU float32 convs: see resolve_conv_impl
@@ -374,21 +372,28 @@ def _lower_block(view: BlockView, fold_bn: bool, pack: Optional[str]) -> Program
                         shortcut=shortcut, out_channels=view.out_channels)
 
 
-def _native_recurrent_loop(blocks: tuple[ProgramBlock, ...], gates) -> Optional[object]:
-    """The block loop as one torch.classes.dynexec.RecurrentBlocks when every branch and
-    projection shortcut is a OneDnnChain and the gates are recurrent; else None."""
-    if not isinstance(gates, RecurrentGates):
-        return None
+@dataclass(frozen=True)
+class NativeLoop:
+    """The engine's block loop in C++ (torch.classes.dynexec.BlockLoop), for programs whose
+    branches and projection shortcuts are OneDnnChains; used with the native backend."""
+    loop: object
+    recurrent: bool      # it also runs the program's online router (SkipNet's recurrent gate)
+
+
+def _native_loop(blocks: tuple[ProgramBlock, ...], router: str, gates) -> Optional[NativeLoop]:
     fused = lambda chain: getattr(chain, "fused", None)
-    if any(fused(b.branch) is None or b.shortcut_kind not in ("identity", "projection")
-           or (b.shortcut_kind == "projection" and fused(b.shortcut) is None) for b in blocks):
+    if any(fused(b.branch) is None or (b.shortcut_kind == "projection" and fused(b.shortcut) is None)
+           for b in blocks):
         return None
-    loop = torch.classes.dynexec.RecurrentBlocks(gates.w_ih, gates.w_hh, gates.b_ih, gates.b_hh,
-                                                 gates.proj_w, gates.proj_b)
-    for k, b in enumerate(blocks):
+    loop = torch.classes.dynexec.BlockLoop()
+    for b in blocks:
         loop.add_block(fused(b.branch), fused(b.shortcut) if b.shortcut_kind == "projection" else None,
-                       gates.embed_w[k], gates.embed_b[k])
-    return loop
+                       b.out_channels if b.shortcut_kind == "downsample_b" else 0)
+    recurrent = router == "online" and isinstance(gates, RecurrentGates)
+    if recurrent:
+        loop.set_recurrent_gate(gates.w_ih, gates.w_hh, gates.b_ih, gates.b_hh, gates.proj_w,
+                                gates.proj_b, gates.embed_w, gates.embed_b)
+    return NativeLoop(loop, recurrent)
 
 
 def lower(model: RoutedModel, fold_bn: bool = True, channels_last: bool = False,
@@ -414,6 +419,6 @@ def lower(model: RoutedModel, fold_bn: bool = True, channels_last: bool = False,
                               blocks=tuple(_lower_block(v, fold_bn, pack) for v in agent.block_views()))
     return Program(model=model, stem=_lower_stem(model, fold_bn, pack), blocks=blocks, head=model.head,
                    router=model.router, gate_runner=gate_runner, policy=policy,
-                   native_loop=_native_recurrent_loop(blocks, gate_runner),
+                   native_loop=_native_loop(blocks, model.router, gate_runner),
                    folded=fold_bn,
                    channels_last=channels_last, convolutions=pack or "aten")

@@ -214,18 +214,18 @@ def test_pooled_block_matches_block_then_mean(backend, rows):
 @pytest.mark.parametrize("family", ["skipnet-cifar-rnn", "skipnet-cifar-rnn-rl", "skipnet-imagenet-basic",
                                     "skipnet-imagenet-bottleneck", "skipnet-cifar-ffgate1"])
 def test_native_recurrent_loop_equals_the_python_loop(family):
-    """Recurrent-gate programs on OneDnnChains run their block loop in C++
-    (RecurrentBlocks) with the native backend; it gives exactly the Python loop's logits and
-    routing for every batch size, routing mix and NaN input. Feed-forward gates keep the
-    Python loop."""
+    """Recurrent-gate programs on OneDnnChains run their block loop, gates included, in C++
+    (BlockLoop.run_recurrent) with the native backend; it gives exactly the Python loop's
+    logits and routing for every batch size, routing mix and NaN input. Feed-forward gates
+    keep the Python loop."""
     import dataclasses
     model = make_model(family)
     engine = dynexec.compile(model, backend="native", convolutions="onednn")
     if "ffgate" in family:
-        assert engine.program.native_loop is None
+        assert not engine.program.native_loop.recurrent
         return
-    assert engine.program.native_loop is not None
-    assert engine.program.native_loop.num_blocks() == engine.num_blocks
+    assert engine.program.native_loop.recurrent
+    assert engine.program.native_loop.loop.num_blocks() == engine.num_blocks
     python_loop = dynexec.engine.Engine(dataclasses.replace(engine.program, native_loop=None), engine.backend)
     for n in (1, 2, 7, 16):
         x = _x(family, n, seed=40 + n)
@@ -237,3 +237,29 @@ def test_native_recurrent_loop_equals_the_python_loop(family):
     (a, ra), (b, rb) = engine(x, return_routing=True), python_loop(x, return_routing=True)
     assert torch.equal(ra, rb) and torch.equal(a.isnan(), b.isnan())
     assert a[1].isnan().all() and not a[0].isnan().any()
+
+
+@pytest.mark.skipif(not dynexec.program.onednn_direct_available(), reason="dynexec._C built without oneDNN")
+@pytest.mark.parametrize("family", ["blockdrop-cifar", "blockdrop-imagenet", "resnet-imagenet",
+                                    "skipnet-cifar-ffgate2", "skipnet-cifar-rnn"])
+def test_native_planned_loop_equals_the_python_loop(family):
+    """Routings known up front (BlockDrop's policy, a forced routing: all, none, random)
+    run in C++ (BlockLoop.run_planned, identity / projection / DownsampleB shortcuts) with
+    the native backend, giving exactly the Python loop's logits."""
+    import dataclasses
+    model = make_model(family)
+    engine = dynexec.compile(model, backend="native", convolutions="onednn")
+    assert engine.program.native_loop is not None
+    python_loop = dynexec.engine.Engine(dataclasses.replace(engine.program, native_loop=None), engine.backend)
+    gen = torch.Generator().manual_seed(5)
+    for n in (1, 3, 8):
+        x = _x(family, n, seed=60 + n)
+        k = engine.num_blocks
+        for routing in (None, torch.ones(n, k, dtype=torch.bool), torch.zeros(n, k, dtype=torch.bool),
+                        torch.rand(n, k, generator=gen) < 0.5):
+            if routing is None and model.router != "planned":
+                continue
+            (a, ra), (b, rb) = (e(x, return_routing=True, routing=routing) for e in (engine, python_loop))
+            assert torch.equal(ra, rb) and torch.equal(a, b)
+    with pytest.raises(RuntimeError, match="bool routing"):
+        engine.program.native_loop.loop.run_planned(torch.zeros(2, 3, 8, 8), torch.ones(2, 1))

@@ -1,4 +1,7 @@
-// Registration of torch.classes.dynexec.OneDnnChain (csrc/onednn/chain.h).
+// Registration of the oneDNN classes, in one place so that OneDnnChain is registered
+// before BlockLoop, whose methods take OneDnnChains (the order within one translation
+// unit is defined; across units it is the link order).
+#include "block_loop.h"
 #include "chain.h"
 
 namespace dynexec {
@@ -19,4 +22,12 @@ TORCH_LIBRARY_FRAGMENT(dynexec, m) {
       .def("rows_add_relu_", &OneDnnChain::rows_add_relu_)
       .def("rows_add_relu_pool_", &OneDnnChain::rows_add_relu_pool_)
       .def("num_convs", &OneDnnChain::num_convs);
+  using dynexec::BlockLoop;
+  m.class_<BlockLoop>("BlockLoop")
+      .def(torch::init<>())
+      .def("add_block", &BlockLoop::add_block)
+      .def("set_recurrent_gate", &BlockLoop::set_recurrent_gate)
+      .def("num_blocks", &BlockLoop::num_blocks)
+      .def("run_planned", &BlockLoop::run_planned)
+      .def("run_recurrent", &BlockLoop::run_recurrent);
 }
