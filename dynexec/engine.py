@@ -121,6 +121,9 @@ class Engine:
 
     def _run_dense(self, dense: DenseProgram, x: torch.Tensor) -> torch.Tensor:
         h = dense.stem(x)
+        if dense.native_loop is not None and self.backend.name == "native":
+            every = torch.ones((h.shape[0], len(dense.blocks)), dtype=torch.bool)
+            return dense.head(dense.native_loop.loop.run_planned(h, every))
         for block in dense.blocks:
             h = self._run_block_all(block, h)
         return dense.head(h)

@@ -336,6 +336,7 @@ class DenseProgram:
     stem: Callable[[torch.Tensor], torch.Tensor]
     blocks: tuple[ProgramBlock, ...]
     head: Callable[[torch.Tensor], torch.Tensor]
+    native_loop: Optional["NativeLoop"] = None
 
 
 @dataclass(frozen=True)
@@ -415,8 +416,9 @@ def lower(model: RoutedModel, fold_bn: bool = True, channels_last: bool = False,
     policy = None
     if model.router == "planned":
         agent = model.policy_network()
-        policy = DenseProgram(stem=_lower_stem(agent, fold_bn, pack), head=agent.head,
-                              blocks=tuple(_lower_block(v, fold_bn, pack) for v in agent.block_views()))
+        agent_blocks = tuple(_lower_block(v, fold_bn, pack) for v in agent.block_views())
+        policy = DenseProgram(stem=_lower_stem(agent, fold_bn, pack), head=agent.head, blocks=agent_blocks,
+                              native_loop=_native_loop(agent_blocks, "none", None))
     return Program(model=model, stem=_lower_stem(model, fold_bn, pack), blocks=blocks, head=model.head,
                    router=model.router, gate_runner=gate_runner, policy=policy,
                    native_loop=_native_loop(blocks, model.router, gate_runner),

@@ -250,7 +250,11 @@ def test_native_planned_loop_equals_the_python_loop(family):
     model = make_model(family)
     engine = dynexec.compile(model, backend="native", convolutions="onednn")
     assert engine.program.native_loop is not None
-    python_loop = dynexec.engine.Engine(dataclasses.replace(engine.program, native_loop=None), engine.backend)
+    program = dataclasses.replace(engine.program, native_loop=None)
+    if program.policy is not None:  # the policy network also runs in a BlockLoop
+        assert program.policy.native_loop is not None
+        program = dataclasses.replace(program, policy=dataclasses.replace(program.policy, native_loop=None))
+    python_loop = dynexec.engine.Engine(program, engine.backend)
     gen = torch.Generator().manual_seed(5)
     for n in (1, 3, 8):
         x = _x(family, n, seed=60 + n)
