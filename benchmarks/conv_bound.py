@@ -62,7 +62,8 @@ def measure(name: str, batch: int, repeats: int, convolutions: str = "auto") -> 
            for k, v in samples.items()}
     fraction = routing.float().mean().item()
     (dw, dc), (rw, rc) = med["dense"], med["routed"]
-    return {"model": name, "convolutions": engine.program.convolutions, "routing_source": routing_source, "data": source, "batch_size": batch,
+    return {"model": name, "convolutions": engine.program.convolutions, "routing_source": routing_source,
+            "data": source, "batch_size": batch,
             "executed_fraction": fraction, "dense_conv_ms": dc, "routed_conv_ms": rc,
             "dense_other_ms": dw - dc, "routed_other_ms": rw - rc,
             "conv_realization": (dc / rc) * fraction}

@@ -382,7 +382,9 @@ class NativeLoop:
 
 
 def _native_loop(blocks: tuple[ProgramBlock, ...], router: str, gates) -> Optional[NativeLoop]:
-    fused = lambda chain: getattr(chain, "fused", None)
+    def fused(chain):
+        return getattr(chain, "fused", None)
+
     if any(fused(b.branch) is None or (b.shortcut_kind == "projection" and fused(b.shortcut) is None)
            for b in blocks):
         return None
