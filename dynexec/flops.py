@@ -19,8 +19,29 @@ from torch.utils.flop_counter import FlopCounterMode
 from .models.common import RoutedModel, run_block_dense
 
 
+def _lstm_flops(input_shape, hx_shapes, param_shapes, has_biases, num_layers, dropout, train,
+                bidirectional, batch_first, *, out_shape=None) -> int:
+    """aten.lstm.input, which FlopCounterMode does not count: per time step, sample, layer
+    and direction the two gate matrix products, 2 x (4H x I + 4H x H) (elementwise gate
+    math uncounted, as for every other layer)."""
+    steps, batch = (input_shape[1], input_shape[0]) if batch_first else (input_shape[0], input_shape[1])
+    per_layer = 4 if has_biases else 2  # w_ih, w_hh[, b_ih, b_hh] per layer and direction
+    total = 0  # (the parameter list holds one set per layer and direction)
+    for k in range(0, len(param_shapes), per_layer):
+        w_ih, w_hh = param_shapes[k], param_shapes[k + 1]
+        total += 2 * (w_ih[0] * w_ih[1] + w_hh[0] * w_hh[1])
+    return total * steps * batch
+
+
+# FlopCounterMode looks the overload up (to decide whether to decompose it) and then the
+# overload packet (to count it), so both keys are registered.
+_CUSTOM_FLOPS = {torch.ops.aten.lstm.input: _lstm_flops, torch.ops.aten.lstm: _lstm_flops}
+
+
 def _count(fn, *args) -> tuple[int, object]:
-    with FlopCounterMode(display=False) as counter:
+    # inference_mode: nn.LSTM then reaches the mode as aten.lstm (with autograd on, CPU
+    # dispatches it to mkldnn_rnn_layer and CUDA to cuDNN, which no formula covers).
+    with torch.inference_mode(), FlopCounterMode(display=False, custom_mapping=_CUSTOM_FLOPS) as counter:
         out = fn(*args)
     return int(counter.get_total_flops()), out
 

@@ -43,6 +43,20 @@ def test_skipnet_gates_counted_per_decision():
     assert sum(table.shortcut) == 2 * 32 * 16 * 16 * 16 + 2 * 64 * 32 * 8 * 8
 
 
+def test_recurrent_gate_counts_embedding_lstm_step_and_projection():
+    """SkipNet's recurrent gate: the 1x1 embedding of the pooled block output, one LSTM
+    step (2 x (4H x E + 4H x H), which FlopCounterMode does not know and dynexec.flops
+    adds) and the projection."""
+    model = dynexec.build("cifar10_rnn_gate_110").eval()
+    table = count_flops(model)
+    e = h = 10
+    lstm = 2 * (4 * h * e + 4 * h * h)
+    assert lstm == 1600
+    assert table.gate[0] == 2 * 16 * e + lstm + 2 * h  # 16-channel group
+    assert table.gate[-1] == 2 * 64 * e + lstm + 2 * h  # 64-channel group
+    assert len(table.gate) == 53
+
+
 def test_computation_percentage():
     routing = torch.tensor([[1, 1, 0, 0], [1, 0, 0, 1]], dtype=torch.bool)
     # skip rates: block1 0.5, block2 1.0, block3 0.5 -> 100 * (1 + 0.5 + 0 + 0.5) / 4
