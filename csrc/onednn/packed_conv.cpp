@@ -72,6 +72,16 @@ const Plan& plan_for(const PlanKey& key, const memory::desc& wei_md) {
   return it->second;
 }
 
+// This thread's scratchpad, grown as needed and reused by every call on the thread (a
+// convolution never runs inside another on the same thread): no allocation per call.
+void* thread_scratchpad(size_t bytes) {
+  thread_local at::Tensor buffer;
+  if (!buffer.defined() || static_cast<size_t>(buffer.numel()) < bytes) {
+    buffer = at::empty({static_cast<int64_t>(bytes)}, at::TensorOptions().dtype(at::kByte));
+  }
+  return buffer.data_ptr();
+}
+
 }  // namespace
 
 PackedConv::PackedConv(const at::Tensor& weight, const at::Tensor& bias, int64_t stride,
@@ -164,10 +174,8 @@ void PackedConv::run(const at::Tensor& x, const at::Tensor& out, bool sum) {
                                        {DNNL_ARG_WEIGHTS, weights},
                                        {DNNL_ARG_BIAS, memory(plan.bias, engine, bias_.data_ptr())},
                                        {DNNL_ARG_DST, memory(plan.dst, engine, out.data_ptr())}};
-  at::Tensor scratch;
   if (const size_t bytes = plan.scratchpad.get_size(); bytes > 0) {
-    scratch = at::empty({static_cast<int64_t>(bytes)}, x.options().dtype(at::kByte));
-    args.emplace(DNNL_ARG_SCRATCHPAD, memory(plan.scratchpad, engine, scratch.data_ptr()));
+    args.emplace(DNNL_ARG_SCRATCHPAD, memory(plan.scratchpad, engine, thread_scratchpad(bytes)));
   }
   plan.primitive.execute(thread_stream(), args);
   thread_stream().wait();
