@@ -13,7 +13,6 @@
 #pragma once
 
 #include <ATen/ATen.h>
-#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/custom_class.h>
 #include <torch/library.h>
 
@@ -23,29 +22,10 @@
 #include <vector>
 
 #include "chain.h"
+#include "native_ops.h"
 
 namespace dynexec {
 namespace loop_detail {
-
-inline std::tuple<at::Tensor, at::Tensor, at::Tensor> recurrent_gate_step(
-    const at::Tensor& pooled, const at::Tensor& embed_w, const at::Tensor& embed_b, const at::Tensor& w_ih,
-    const at::Tensor& w_hh, const at::Tensor& b_ih, const at::Tensor& b_hh, const at::Tensor& proj_w,
-    const at::Tensor& proj_b, const at::Tensor& hx, const at::Tensor& cx) {
-  using Sig = std::tuple<at::Tensor, at::Tensor, at::Tensor>(
-      const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-      const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-      const at::Tensor&);
-  static auto op =
-      c10::Dispatcher::singleton().findSchemaOrThrow("dynexec::recurrent_gate_step", "").typed<Sig>();
-  return op.call(pooled, embed_w, embed_b, w_ih, w_hh, b_ih, b_hh, proj_w, proj_b, hx, cx);
-}
-
-inline at::Tensor downsample_b(const at::Tensor& x, int64_t out_channels) {
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("dynexec::downsample_b", "")
-                       .typed<at::Tensor(const at::Tensor&, c10::SymInt)>();
-  return op.call(x, out_channels);
-}
 
 // Writes idx = the partition of the rows whose route[i * stride] is true (routed rows
 // first, both parts in increasing order); returns the number of routed rows.
@@ -128,7 +108,7 @@ class BlockLoop : public torch::CustomClassHolder {
       h = run_block(blocks_[k], h, idx, active, pooled, /*pool=*/k + 1 < num);
       if (k + 1 == num) break;
       at::Tensor p;
-      std::tie(p, hx, cx) = recurrent_gate_step(pooled, g.embed_w[k], g.embed_b[k], g.w_ih, g.w_hh, g.b_ih,
+      std::tie(p, hx, cx) = native::recurrent_gate_step(pooled, g.embed_w[k], g.embed_b[k], g.w_ih, g.w_hh, g.b_ih,
                                                 g.b_hh, g.proj_w, g.proj_b, hx, cx);
       active = decide(p, route + k + 1, num, idx);
     }
@@ -138,7 +118,7 @@ class BlockLoop : public torch::CustomClassHolder {
  private:
   at::Tensor shortcut(const Block& b, const at::Tensor& h) const {
     if (b.projection) return b.projection->forward(h);
-    if (b.downsample_channels > 0) return downsample_b(h, b.downsample_channels);
+    if (b.downsample_channels > 0) return native::downsample_b(h, b.downsample_channels);
     return h;  // the engine owns h: an identity block updates it in place
   }
 

@@ -17,7 +17,6 @@
 #pragma once
 
 #include <ATen/ATen.h>
-#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/custom_class.h>
 #include <torch/library.h>
 
@@ -25,44 +24,11 @@
 #include <string>
 #include <vector>
 
+#include "native_ops.h"
 #include "packed_conv.h"
 
 namespace dynexec {
 
-// The native regrouping ops, through the dispatcher (so they keep their checks).
-namespace native {
-
-inline c10::Dispatcher& dispatcher() { return c10::Dispatcher::singleton(); }
-
-inline at::Tensor gather_rows(const at::Tensor& x, const at::Tensor& idx, int64_t count) {
-  static auto op = dispatcher().findSchemaOrThrow("dynexec::gather_rows", "")
-                       .typed<at::Tensor(const at::Tensor&, const at::Tensor&, c10::SymInt)>();
-  return op.call(x, idx, count);
-}
-
-inline void scatter_residual_relu_(const at::Tensor& out, const at::Tensor& y, const at::Tensor& idx,
-                            int64_t count) {
-  static auto op = dispatcher().findSchemaOrThrow("dynexec::scatter_residual_relu_", "")
-                       .typed<void(const at::Tensor&, const at::Tensor&, const at::Tensor&, c10::SymInt)>();
-  op.call(out, y, idx, count);
-}
-
-inline void scatter_residual_relu_pool_(const at::Tensor& out, const at::Tensor& y, const at::Tensor& idx,
-                                 int64_t count, const at::Tensor& pooled) {
-  static auto op =
-      dispatcher()
-          .findSchemaOrThrow("dynexec::scatter_residual_relu_pool_", "")
-          .typed<void(const at::Tensor&, const at::Tensor&, const at::Tensor&, c10::SymInt, const at::Tensor&)>();
-  op.call(out, y, idx, count, pooled);
-}
-
-inline void relu_pool_(const at::Tensor& x, const at::Tensor& pooled) {
-  static auto op = dispatcher().findSchemaOrThrow("dynexec::relu_pool_", "")
-                       .typed<void(const at::Tensor&, const at::Tensor&)>();
-  op.call(x, pooled);
-}
-
-}  // namespace native
 
 class OneDnnChain : public torch::CustomClassHolder {
  public:
