@@ -24,10 +24,12 @@ int64_t cuda_version() {
 }
 
 #ifdef DYNEXEC_WITH_ONEDNN
-int64_t onednn_version();  // csrc/onednn/chain.cpp
+int64_t onednn_version();     // csrc/onednn/register.cpp
+int64_t onednn_plan_count();
 #else
 // 0: built without oneDNN (no torch.classes.dynexec.OneDnnChain).
 int64_t onednn_version() { return 0; }
+int64_t onednn_plan_count() { return 0; }
 #endif
 
 }  // namespace dynexec
@@ -54,6 +56,8 @@ TORCH_LIBRARY(dynexec, m) {
   // oneDNN version (major*10000 + minor*100 + patch) behind torch.classes.dynexec.OneDnnChain
   // (csrc/onednn/), or 0 when the extension was built without it.
   m.def("onednn_version() -> int", &dynexec::onednn_version);
+  // oneDNN primitives created so far (one per convolution geometry and sub-batch size).
+  m.def("onednn_plan_count() -> int", &dynexec::onednn_plan_count);
 }
 
 // `import dynexec._C` only needs a module object; loading the library runs the static

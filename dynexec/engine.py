@@ -52,6 +52,29 @@ class Engine:
                 f"bn_folded={self.program.folded}, channels_last={self.program.channels_last}, "
                 f"convolutions={self.program.convolutions})")
 
+    def warmup(self, max_batch_size: int) -> int:
+        """Runs the engine once on every batch size and every routed sub-batch size up to
+        ``max_batch_size`` (zero inputs, forced routings), so that the convolution
+        primitives of all of them exist before serving: the first call that meets a new
+        sub-batch size otherwise pays ~0.1 ms per convolution geometry to create one
+        (convolutions='onednn'). Returns the number of forwards run (3 x max_batch_size).
+        Cost: about as many forwards, e.g. ~10 s for SkipNet-110 and 128 on 2 CPU cores."""
+        if isinstance(max_batch_size, bool) or not isinstance(max_batch_size, int) or max_batch_size < 1:
+            raise ValueError(f"warmup: expected max_batch_size >= 1, got {max_batch_size!r}")
+        param = next(self.model.parameters())
+        size, k = self.model.input_size, self.num_blocks
+        x = torch.zeros(max_batch_size, self.model.in_channels, size, size, dtype=param.dtype,
+                        device=param.device)
+        for n in range(1, max_batch_size + 1):
+            self(x[:n])  # the router's own routing (BlockDrop's policy network runs at n)
+            # a batch of n, every block on the whole batch (stems and shortcuts at n) ...
+            self(x[:n], routing=torch.ones(n, k, dtype=torch.bool))
+            # ... and the full batch with n rows routed to every block (the sub-batches)
+            some = torch.zeros(max_batch_size, k, dtype=torch.bool)
+            some[:n] = True
+            self(x, routing=some)
+        return 3 * max_batch_size
+
     # ----------------------------------------------------------------------------------
     def __call__(self, x: torch.Tensor, return_routing: bool = False,
                  routing: Optional[torch.Tensor] = None):

@@ -267,3 +267,25 @@ def test_native_planned_loop_equals_the_python_loop(family):
             assert torch.equal(ra, rb) and torch.equal(a, b)
     with pytest.raises(RuntimeError, match="bool routing"):
         engine.program.native_loop.loop.run_planned(torch.zeros(2, 3, 8, 8), torch.ones(2, 1))
+
+
+@pytest.mark.skipif(not dynexec.program.onednn_direct_available(), reason="dynexec._C built without oneDNN")
+@pytest.mark.parametrize("family", ["skipnet-cifar-rnn", "blockdrop-cifar"])
+def test_warmup_creates_every_primitive_a_routed_call_needs(family):
+    """After engine.warmup(B), calls with any batch <= B and any routing (the router's own or
+    forced) create no new oneDNN primitive; results are unchanged by the warm-up."""
+    model = make_model(family)
+    engine = dynexec.compile(model, backend="native", convolutions="onednn")
+    x = _x(family, 6, seed=8)
+    before = engine(x)
+    assert engine.warmup(6) == 18
+    plans = torch.ops.dynexec.onednn_plan_count()
+    gen = torch.Generator().manual_seed(2)
+    for n in (1, 3, 6):
+        xn = _x(family, n, seed=n)
+        engine(xn)
+        engine(xn, routing=torch.rand(n, engine.num_blocks, generator=gen) < 0.5)
+    assert torch.ops.dynexec.onednn_plan_count() == plans
+    assert torch.equal(engine(x), before)
+    with pytest.raises(ValueError, match="max_batch_size >= 1"):
+        engine.warmup(0)

@@ -55,17 +55,22 @@ dnnl::convolution_forward::primitive_desc describe(const PlanKey& k, const memor
       Dims{pad, pad}, Dims{pad, pad}, attr);
 }
 
+std::mutex plans_mu;
+std::map<PlanKey, Plan>& plans() {
+  static std::map<PlanKey, Plan> cache;
+  return cache;
+}
+
 // The plan of key for weights in layout wei_md. Creating one costs ~0.1-1 ms (oneDNN's
 // JIT), so it happens once per key; entries are never evicted (a model has a few
-// geometries times the batch sizes it sees).
+// geometries times the batch sizes it sees, ~40 KB each).
 const Plan& plan_for(const PlanKey& key, const memory::desc& wei_md) {
-  static std::mutex mu;
-  static std::map<PlanKey, Plan> plans;
-  std::lock_guard<std::mutex> lock(mu);
-  auto it = plans.find(key);
-  if (it == plans.end()) {
+  std::lock_guard<std::mutex> lock(plans_mu);
+  auto& cache = plans();
+  auto it = cache.find(key);
+  if (it == cache.end()) {
     const auto pd = describe(key, wei_md);
-    it = plans.emplace(key, Plan{dnnl::convolution_forward(pd), pd.src_desc(), pd.dst_desc(),
+    it = cache.emplace(key, Plan{dnnl::convolution_forward(pd), pd.src_desc(), pd.dst_desc(),
                                  pd.bias_desc(), pd.scratchpad_desc()})
              .first;
   }
@@ -179,6 +184,11 @@ void PackedConv::run(const at::Tensor& x, const at::Tensor& out, bool sum) {
   }
   plan.primitive.execute(thread_stream(), args);
   thread_stream().wait();
+}
+
+int64_t plan_count() {
+  std::lock_guard<std::mutex> lock(plans_mu);
+  return static_cast<int64_t>(plans().size());
 }
 
 int64_t version() {

@@ -54,6 +54,9 @@ class PackedConv {
   dnnl::memory packed_;
 };
 
+// Number of oneDNN primitives created so far (one per geometry and sub-batch size).
+int64_t plan_count();
+
 // oneDNN's version as major * 10000 + minor * 100 + patch.
 int64_t version();
 

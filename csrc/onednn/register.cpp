@@ -7,6 +7,7 @@
 namespace dynexec {
 
 int64_t onednn_version() { return onednn::version(); }
+int64_t onednn_plan_count() { return onednn::plan_count(); }
 
 }  // namespace dynexec
 
