@@ -21,6 +21,7 @@
 #include <tuple>
 #include <vector>
 
+#include "../index_math.h"
 #include "chain.h"
 #include "native_ops.h"
 
@@ -30,11 +31,15 @@ namespace loop_detail {
 // Writes idx = the partition of the rows whose route[i * stride] is true (routed rows
 // first, both parts in increasing order); returns the number of routed rows.
 inline int64_t partition_rows(const bool* route, int64_t stride, int64_t n, int64_t* idx) {
-  int64_t active = 0;
-  for (int64_t i = 0; i < n; ++i) active += route[i * stride];
-  int64_t routed = 0, skipped = active;
-  for (int64_t i = 0; i < n; ++i) idx[route[i * stride] ? routed++ : skipped++] = i;
-  return active;
+  int64_t total = 0;
+  for (int64_t i = 0; i < n; ++i) total += route[i * stride];
+  int64_t before = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    const bool active = route[i * stride];
+    idx[index_math::partition_slot(active, i, before, total)] = i;  // the partition op's arithmetic
+    before += active;
+  }
+  return total;
 }
 
 struct Block {
