@@ -37,7 +37,7 @@ def onednn_packing_available() -> bool:
 
 
 def onednn_direct_available() -> bool:
-    """dynexec._C was built with its own oneDNN primitives (torch.classes.dynexec.OneDnnConv)."""
+    """dynexec._C was built with its own oneDNN primitives (torch.classes.dynexec.OneDnnChain, BlockLoop)."""
     from ._native import load
     module, _ = load()
     return module is not None and torch.ops.dynexec.onednn_version() > 0
@@ -160,9 +160,8 @@ class FoldedChain:
         its convs are CPU float32 convs; otherwise unchanged."""
         if impl == "aten" or not all(c.is_cpu_float32 for c in self.convs):
             return self
-        if impl == "mkldnn":
-            return FoldedChain([c.packed_for_cpu() for c in self.convs])
-        if not all(c.relu for c in self.convs[:-1]):  # OneDnnChain is conv, ReLU, ..., conv
+        # (OneDnnChain is conv, ReLU, ..., conv; other chains take torch's oneDNN op)
+        if impl == "mkldnn" or not all(c.relu for c in self.convs[:-1]):
             return FoldedChain([c.packed_for_cpu() for c in self.convs])
         fused = torch.classes.dynexec.OneDnnChain(
             [c.weight for c in self.convs], [c.bias for c in self.convs],
