@@ -15,7 +15,7 @@ from typing import Optional
 import torch
 
 from .ops import Backend, get_backend
-from .program import DenseProgram, Program, ProgramBlock, lower
+from .program import DenseProgram, Program, ProgramBlock, lower, resolve_batch_shards
 
 
 def check_routing(routing, n: int, num_blocks: int, device: torch.device) -> torch.Tensor:
@@ -50,7 +50,7 @@ class Engine:
         return (f"Engine(model={self.model.model_name}, blocks={self.num_blocks}, "
                 f"router={self.program.router}, backend={self.backend.name}, "
                 f"bn_folded={self.program.folded}, channels_last={self.program.channels_last}, "
-                f"convolutions={self.program.convolutions})")
+                f"convolutions={self.program.convolutions}, batch_shards={self.program.batch_shards})")
 
     def warmup(self, max_batch_size: int) -> int:
         """Runs the engine once on every batch size and every routed sub-batch size up to
@@ -199,7 +199,7 @@ class Engine:
 
 
 def compile(model: torch.nn.Module, backend: str = "auto", fold_bn: bool = True,
-            channels_last: bool = True, convolutions: str = "auto") -> Engine:
+            channels_last: bool = True, convolutions: str = "auto", batch_shards="auto") -> Engine:
     """Compile an eval-mode dynexec model into a regrouping Engine.
 
     backend: 'auto' (native on CPU; triton -> native -> torch on CUDA), 'native',
@@ -209,13 +209,19 @@ def compile(model: torch.nn.Module, backend: str = "auto", fold_bn: bool = True,
     (faster convolutions; changes results only by float rounding). convolutions: the
     implementation of the folded CPU float32 convolutions, 'auto' (best available),
     'onednn' (dynexec's own oneDNN primitives), 'mkldnn' (torch's oneDNN op on pre-packed
-    weights) or 'aten' (F.conv2d); see dynexec.program.resolve_conv_impl. The engine snapshots
+    weights) or 'aten' (F.conv2d); see dynexec.program.resolve_conv_impl. batch_shards: how the
+    C++ block loop (native backend, 'onednn' convolutions) splits a batch: 'auto' (one
+    shard per intra-op thread, each running the whole network on its rows with
+    single-threaded kernels: faster for routed sub-batches of a few samples, same results),
+    1 (no sharding: every kernel uses every thread) or k > 1 shards. The engine snapshots
     the weights: compile again after changing the model.
     """
+    resolve_batch_shards(batch_shards)  # (checked for every backend)
     if backend == "triton-graph":
         # The sync-free path: fused indexed convolutions, one CUDA graph per batch size.
         from .graph_engine import make_graph_engine
         return make_graph_engine(model, capture=True, fold_bn=fold_bn)
-    program = lower(model, fold_bn=fold_bn, channels_last=channels_last, convolutions=convolutions)
+    program = lower(model, fold_bn=fold_bn, channels_last=channels_last, convolutions=convolutions,
+                    batch_shards=batch_shards)
     device = next(model.parameters()).device
     return Engine(program, get_backend(backend, device))

@@ -65,6 +65,17 @@ def resolve_conv_impl(requested: str) -> str:
     return "mkldnn" if onednn_packing_available() else "aten"
 
 
+def resolve_batch_shards(requested) -> int:
+    """The batch shards of the C++ block loop (BlockLoop.set_shards): 'auto' -> 0 (one
+    shard per intra-op thread, each running the whole loop on its rows with
+    single-threaded kernels), 1 -> no sharding, k > 1 -> k shards."""
+    if requested == "auto":
+        return 0
+    if isinstance(requested, bool) or not isinstance(requested, int) or requested < 1:
+        raise ValueError(f"batch_shards must be 'auto' or an int >= 1; got {requested!r}")
+    return requested
+
+
 @dataclass(frozen=True)
 class FoldedConv:
     """A convolution with its BatchNorm folded in and an optional ReLU.
@@ -351,6 +362,7 @@ class Program:
     folded: bool = False
     channels_last: bool = False
     convolutions: str = "aten"               # of the folded CPU float32 convs: see resolve_conv_impl
+    batch_shards: object = "auto"            # of the C++ block loop: see resolve_batch_shards
 
     @property
     def num_blocks(self) -> int:
@@ -380,7 +392,7 @@ class NativeLoop:
     recurrent: bool      # it also runs the program's online router (SkipNet's recurrent gate)
 
 
-def _native_loop(blocks: tuple[ProgramBlock, ...], router: str, gates) -> Optional[NativeLoop]:
+def _native_loop(blocks: tuple[ProgramBlock, ...], router: str, gates, shards: int) -> Optional[NativeLoop]:
     def fused(chain):
         return getattr(chain, "fused", None)
 
@@ -388,6 +400,7 @@ def _native_loop(blocks: tuple[ProgramBlock, ...], router: str, gates) -> Option
            for b in blocks):
         return None
     loop = torch.classes.dynexec.BlockLoop()
+    loop.set_shards(shards)
     for b in blocks:
         loop.add_block(fused(b.branch), fused(b.shortcut) if b.shortcut_kind == "projection" else None,
                        b.out_channels if b.shortcut_kind == "downsample_b" else 0)
@@ -399,10 +412,11 @@ def _native_loop(blocks: tuple[ProgramBlock, ...], router: str, gates) -> Option
 
 
 def lower(model: RoutedModel, fold_bn: bool = True, channels_last: bool = False,
-          convolutions: str = "auto") -> Program:
+          convolutions: str = "auto", batch_shards="auto") -> Program:
     """Lower an eval-mode routed model into a Program. ``channels_last`` runs the blocks
     on NHWC activations (faster convolutions on CPU and GPU); ``convolutions`` picks the
-    implementation of the folded CPU float32 convolutions (``resolve_conv_impl``)."""
+    implementation of the folded CPU float32 convolutions (``resolve_conv_impl``);
+    ``batch_shards`` how the C++ block loop splits a batch (``resolve_batch_shards``)."""
     if not isinstance(model, RoutedModel):
         raise TypeError(f"dynexec can compile the models of dynexec.models (SkipNet, BlockDrop, "
                         f"plain ResNets); got {type(model).__name__}")
@@ -410,6 +424,7 @@ def lower(model: RoutedModel, fold_bn: bool = True, channels_last: bool = False,
         raise ValueError("compile expects an eval-mode model (BatchNorm must use running "
                          "statistics); call model.eval() first")
     impl = resolve_conv_impl(convolutions)
+    shards = resolve_batch_shards(batch_shards)
     # oneDNN's packed weights return channels_last outputs, so only NHWC programs use them.
     pack = impl if fold_bn and channels_last else None
     blocks = tuple(_lower_block(v, fold_bn, pack) for v in model.block_views())
@@ -419,9 +434,9 @@ def lower(model: RoutedModel, fold_bn: bool = True, channels_last: bool = False,
         agent = model.policy_network()
         agent_blocks = tuple(_lower_block(v, fold_bn, pack) for v in agent.block_views())
         policy = DenseProgram(stem=_lower_stem(agent, fold_bn, pack), head=agent.head, blocks=agent_blocks,
-                              native_loop=_native_loop(agent_blocks, "none", None))
+                              native_loop=_native_loop(agent_blocks, "none", None, shards))
     return Program(model=model, stem=_lower_stem(model, fold_bn, pack), blocks=blocks, head=model.head,
                    router=model.router, gate_runner=gate_runner, policy=policy,
-                   native_loop=_native_loop(blocks, model.router, gate_runner),
-                   folded=fold_bn,
-                   channels_last=channels_last, convolutions=pack or "aten")
+                   native_loop=_native_loop(blocks, model.router, gate_runner, shards),
+                   folded=fold_bn, channels_last=channels_last, convolutions=pack or "aten",
+                   batch_shards=batch_shards)

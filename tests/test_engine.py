@@ -270,6 +270,52 @@ def test_native_planned_loop_equals_the_python_loop(family):
 
 
 @pytest.mark.skipif(not dynexec.program.onednn_direct_available(), reason="dynexec._C built without oneDNN")
+@pytest.mark.parametrize("family", ["skipnet-cifar-rnn", "blockdrop-cifar", "skipnet-imagenet-bottleneck"])
+def test_batch_shards_give_the_same_results(family):
+    """The C++ loop split into batch shards (each running the whole network on its rows,
+    single-threaded kernels) gives exactly the unsharded loop's logits and routing: for
+    more shards than rows, uneven shards, one thread, forced routings and NaN rows."""
+    model = make_model(family)
+    engines = {s: dynexec.compile(model, backend="native", convolutions="onednn", batch_shards=s)
+               for s in (1, 2, 3, "auto")}
+    assert [e.program.native_loop.loop.shards() for e in engines.values()] == [1, 2, 3, 0]
+    assert "batch_shards=3" in repr(engines[3])
+    gen = torch.Generator().manual_seed(11)
+    threads = torch.get_num_threads()
+    try:
+        for n, nthreads in ((1, threads), (2, threads), (5, threads), (8, threads), (5, 1)):
+            torch.set_num_threads(nthreads)
+            x = _x(family, n, seed=70 + n)
+            if n == 5:
+                x[3] = float("nan")
+            forced = torch.rand(n, engines[1].num_blocks, generator=gen) < 0.5
+            for routing in (None, forced):
+                (a, ra) = engines[1](x, return_routing=True, routing=routing)
+                for shards, engine in engines.items():
+                    b, rb = engine(x, return_routing=True, routing=routing)
+                    assert torch.equal(ra, rb), (shards, n)
+                    assert torch.equal(a.isnan(), b.isnan()) and torch.equal(a.nan_to_num(), b.nan_to_num()), (shards, n)
+                if n == 5:
+                    assert a[3].isnan().all() and not a[0].isnan().any()
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("bad", [0, -1, True, 2.0, "two", None])
+def test_batch_shards_must_be_auto_or_a_positive_int(bad):
+    model = make_model("skipnet-cifar-rnn")
+    with pytest.raises(ValueError, match="batch_shards must be 'auto' or an int >= 1"):
+        dynexec.compile(model, batch_shards=bad)
+
+
+@pytest.mark.skipif(not dynexec.program.onednn_direct_available(), reason="dynexec._C built without oneDNN")
+def test_block_loop_rejects_negative_shards():
+    loop = torch.classes.dynexec.BlockLoop()
+    with pytest.raises(RuntimeError, match="expected shards >= 0"):
+        loop.set_shards(-1)
+
+
+@pytest.mark.skipif(not dynexec.program.onednn_direct_available(), reason="dynexec._C built without oneDNN")
 @pytest.mark.parametrize("family", ["skipnet-cifar-rnn", "blockdrop-cifar"])
 def test_warmup_creates_every_primitive_a_routed_call_needs(family):
     """After engine.warmup(B), calls with any batch <= B and any routing (the router's own or

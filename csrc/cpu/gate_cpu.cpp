@@ -26,9 +26,11 @@
 #include <cstdint>
 #include <memory>
 #include <tuple>
+#include <utility>
 #include <vector>
 
 #include "../checks.h"
+#include "gate_cpu.h"
 #include "../index_math.h"
 #include "clones.h"
 
@@ -212,6 +214,45 @@ DYNEXEC_CPU_CLONES void gate_rows(const GateArgs<scalar_t, acc_t>& a, int64_t be
   }
 }
 
+// [w_ih | w_hh] transposed into wt [E + H, 4H] and b_ih + b_hh into bias [4H], in acc_t.
+template <typename scalar_t, typename acc_t>
+void transpose_lstm_weights(const at::Tensor& w_ih, const at::Tensor& w_hh, const at::Tensor& b_ih,
+                            const at::Tensor& b_hh, int64_t E, int64_t H, std::vector<acc_t>& wt,
+                            std::vector<acc_t>& bias) {
+  const int64_t G = 4 * H, K = E + H;
+  wt.assign(static_cast<size_t>(K * G), acc_t(0));
+  bias.assign(static_cast<size_t>(G), acc_t(0));
+  const scalar_t* wih = w_ih.const_data_ptr<scalar_t>();
+  const scalar_t* whh = w_hh.const_data_ptr<scalar_t>();
+  const scalar_t* bih = b_ih.const_data_ptr<scalar_t>();
+  const scalar_t* bhh = b_hh.const_data_ptr<scalar_t>();
+  for (int64_t j = 0; j < G; ++j) {
+    for (int64_t k = 0; k < E; ++k) wt[k * G + j] = static_cast<acc_t>(wih[j * E + k]);
+    for (int64_t k = 0; k < H; ++k) wt[(E + k) * G + j] = static_cast<acc_t>(whh[j * H + k]);
+    bias[j] = static_cast<acc_t>(bih[j]) + static_cast<acc_t>(bhh[j]);
+  }
+}
+
+// The N samples of one step, split over the intra-op threads when there is enough work.
+template <typename scalar_t, typename acc_t>
+void run_gate(const GateArgs<scalar_t, acc_t>& args, int64_t N) {
+  const int64_t C = args.C, E = args.E, H = args.H;
+  const int64_t work = C * E + (E + H) * 4 * H + 32 * H;  // (a sigmoid/tanh counts as ~6)
+  const int64_t grain =
+      std::max<int64_t>(Lanes<acc_t>::kTile, kGateGrainWork / std::max<int64_t>(1, work));
+  at::parallel_for(0, N, grain, [&](int64_t begin, int64_t end) {
+    // 64-byte aligned: the alignment a vector type gets depends on the clone's target
+    // (16 bytes for SSE2, 32 for AVX2), so alignof cannot be trusted here.
+    using V = typename Lanes<acc_t>::V;
+    std::vector<acc_t> scratch(
+        static_cast<size_t>((gate_scratch_vectors(C, E, H) + 2) * Lanes<acc_t>::kTile));
+    void* p = scratch.data();
+    size_t space = scratch.size() * sizeof(acc_t);
+    gate_rows<scalar_t, acc_t>(args, begin, end,
+                               static_cast<V*>(std::align(64, sizeof(V), p, space)));
+  });
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> recurrent_gate_step_cpu(
     const at::Tensor& pooled_, const at::Tensor& embed_w_, const at::Tensor& embed_b_,
     const at::Tensor& w_ih_, const at::Tensor& w_hh_, const at::Tensor& b_ih_,
@@ -226,18 +267,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> recurrent_gate_step_cpu(
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, pooled_.scalar_type(),
                                   "dynexec_recurrent_gate_step_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const int64_t G = 4 * H, K = E + H;
-    // [w_ih | w_hh] transposed and b_ih + b_hh in acc_t, once per call (4H x (E + H)).
-    std::vector<acc_t> wt(static_cast<size_t>(K * G)), bias(static_cast<size_t>(G));
-    const scalar_t* wih = g.w_ih->const_data_ptr<scalar_t>();
-    const scalar_t* whh = g.w_hh->const_data_ptr<scalar_t>();
-    const scalar_t* bih = g.b_ih->const_data_ptr<scalar_t>();
-    const scalar_t* bhh = g.b_hh->const_data_ptr<scalar_t>();
-    for (int64_t j = 0; j < G; ++j) {
-      for (int64_t k = 0; k < E; ++k) wt[k * G + j] = static_cast<acc_t>(wih[j * E + k]);
-      for (int64_t k = 0; k < H; ++k) wt[(E + k) * G + j] = static_cast<acc_t>(whh[j * H + k]);
-      bias[j] = static_cast<acc_t>(bih[j]) + static_cast<acc_t>(bhh[j]);
-    }
+    std::vector<acc_t> wt, bias;  // once per call (4H x (E + H))
+    transpose_lstm_weights<scalar_t, acc_t>(*g.w_ih, *g.w_hh, *g.b_ih, *g.b_hh, E, H, wt, bias);
     GateArgs<scalar_t, acc_t> args{
         g.pooled->const_data_ptr<scalar_t>(), g.embed_w->const_data_ptr<scalar_t>(),
         g.embed_b->const_data_ptr<scalar_t>(), wt.data(), bias.data(),
@@ -246,25 +277,56 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> recurrent_gate_step_cpu(
         g.hx->const_data_ptr<scalar_t>(), g.cx->const_data_ptr<scalar_t>(),
         g.prob.data_ptr<scalar_t>(), g.hx_new.data_ptr<scalar_t>(), g.cx_new.data_ptr<scalar_t>(),
         C, E, H};
-    const int64_t work = C * E + K * G + 32 * H;  // (a sigmoid/tanh counts as ~6)
-    const int64_t grain =
-        std::max<int64_t>(Lanes<acc_t>::kTile, kGateGrainWork / std::max<int64_t>(1, work));
-    at::parallel_for(0, N, grain, [&](int64_t begin, int64_t end) {
-      // 64-byte aligned: the alignment a vector type gets depends on the clone's target
-      // (16 bytes for SSE2, 32 for AVX2), so alignof cannot be trusted here.
-      using V = typename Lanes<acc_t>::V;
-      std::vector<acc_t> scratch(
-          static_cast<size_t>((gate_scratch_vectors(C, E, H) + 2) * Lanes<acc_t>::kTile));
-      void* p = scratch.data();
-      size_t space = scratch.size() * sizeof(acc_t);
-      gate_rows<scalar_t, acc_t>(args, begin, end,
-                                 static_cast<V*>(std::align(64, sizeof(V), p, space)));
-    });
+    run_gate<scalar_t, acc_t>(args, N);
   });
   return g.outputs();
 }
 
 }  // namespace
+
+namespace cpu {
+
+PreparedGate::PreparedGate(const at::Tensor& w_ih, const at::Tensor& w_hh, const at::Tensor& b_ih,
+                           const at::Tensor& b_hh, const at::Tensor& proj_w, const at::Tensor& proj_b) {
+  TORCH_CHECK(w_hh.dim() == 2 && w_ih.dim() == 2, "PreparedGate: expected w_ih [4H, E] and w_hh [4H, H], got ",
+              "shapes ", w_ih.sizes(), " and ", w_hh.sizes());
+  H_ = w_hh.size(1);
+  E_ = w_ih.size(1);
+  const std::pair<const char*, const at::Tensor*> args[] = {{"w_ih", &w_ih}, {"w_hh", &w_hh}, {"b_ih", &b_ih},
+                                                            {"b_hh", &b_hh}, {"proj_w", &proj_w}, {"proj_b", &proj_b}};
+  const std::vector<int64_t> shapes[] = {{4 * H_, E_}, {4 * H_, H_}, {4 * H_}, {4 * H_}, {H_, 1}, {1}};
+  for (size_t i = 0; i < 6; ++i) {
+    const at::Tensor& t = *args[i].second;
+    TORCH_CHECK(t.scalar_type() == at::kFloat && t.device().is_cpu() && t.sizes().equals(shapes[i]),
+                "PreparedGate: expected ", args[i].first, " float32 on CPU with shape ", at::IntArrayRef(shapes[i]),
+                ", got ", t.scalar_type(), " on ", t.device(), " with shape ", t.sizes());
+  }
+  transpose_lstm_weights<float, float>(w_ih.contiguous(), w_hh.contiguous(), b_ih.contiguous(), b_hh.contiguous(),
+                                       E_, H_, wt_, bias_);
+  proj_w_ = proj_w.contiguous();
+  proj_b_ = proj_b.item<float>();
+}
+
+void PreparedGate::step(const at::Tensor& pooled, const at::Tensor& embed_w, const at::Tensor& embed_b,
+                        at::Tensor& hx, at::Tensor& cx, at::Tensor& prob) const {
+  const int64_t N = pooled.size(0), C = pooled.size(1);
+  TORCH_CHECK(pooled.scalar_type() == at::kFloat && pooled.is_contiguous() && embed_w.sizes().equals({C, E_}) &&
+                  hx.sizes().equals({N, H_}) && cx.sizes().equals({N, H_}) && prob.numel() == N &&
+                  hx.is_contiguous() && cx.is_contiguous() && prob.is_contiguous(),
+              "PreparedGate.step: expected float32 contiguous pooled [N, ", embed_w.size(0), "], hx / cx [N, ", H_,
+              "] and prob [N], got pooled ", pooled.sizes(), ", hx ", hx.sizes(), ", cx ", cx.sizes(), ", prob ",
+              prob.sizes());
+  if (N == 0) return;
+  // gate_rows reads a tile's hx / cx before it writes the tile's new state: in place is safe.
+  GateArgs<float, float> args{pooled.const_data_ptr<float>(), embed_w.const_data_ptr<float>(),
+                              embed_b.const_data_ptr<float>(), wt_.data(), bias_.data(),
+                              proj_w_.const_data_ptr<float>(), proj_b_, hx.const_data_ptr<float>(),
+                              cx.const_data_ptr<float>(), prob.data_ptr<float>(), hx.data_ptr<float>(),
+                              cx.data_ptr<float>(), C, E_, H_};
+  run_gate<float, float>(args, N);
+}
+
+}  // namespace cpu
 }  // namespace dynexec
 
 TORCH_LIBRARY_IMPL(dynexec, CPU, m) {

@@ -6,7 +6,6 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 
 #include <cstdint>
-#include <tuple>
 
 namespace dynexec {
 
@@ -40,19 +39,6 @@ inline void relu_pool_(const at::Tensor& x, const at::Tensor& pooled) {
   static auto op = dispatcher().findSchemaOrThrow("dynexec::relu_pool_", "")
                        .typed<void(const at::Tensor&, const at::Tensor&)>();
   op.call(x, pooled);
-}
-
-inline std::tuple<at::Tensor, at::Tensor, at::Tensor> recurrent_gate_step(
-    const at::Tensor& pooled, const at::Tensor& embed_w, const at::Tensor& embed_b, const at::Tensor& w_ih,
-    const at::Tensor& w_hh, const at::Tensor& b_ih, const at::Tensor& b_hh, const at::Tensor& proj_w,
-    const at::Tensor& proj_b, const at::Tensor& hx, const at::Tensor& cx) {
-  using Sig = std::tuple<at::Tensor, at::Tensor, at::Tensor>(
-      const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-      const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-      const at::Tensor&);
-  static auto op =
-      dispatcher().findSchemaOrThrow("dynexec::recurrent_gate_step", "").typed<Sig>();
-  return op.call(pooled, embed_w, embed_b, w_ih, w_hh, b_ih, b_hh, proj_w, proj_b, hx, cx);
 }
 
 inline at::Tensor downsample_b(const at::Tensor& x, int64_t out_channels) {

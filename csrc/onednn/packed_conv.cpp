@@ -27,8 +27,13 @@ dnnl::stream& thread_stream() {
 
 // A primitive holds no weights, so one cache serves every convolution of a geometry
 // (a CIFAR ResNet-110 has a handful of geometries and 100+ convolutions).
-// Key: (n, ic, h, w, oc, kh, kw, stride, padding, sum post-op).
-using PlanKey = std::array<int64_t, 10>;
+// Key: (n, ic, h, w, oc, kh, kw, stride, padding, sum post-op, threads). oneDNN fixes a
+// primitive's work split for the threads it may use when it is created: a primitive
+// made inside one of BlockLoop's shards (one thread) must not serve a call that may use
+// every thread, and the other way round.
+using PlanKey = std::array<int64_t, 11>;
+
+int64_t available_threads() { return at::in_parallel_region() ? 1 : at::get_num_threads(); }
 
 struct Plan {
   dnnl::convolution_forward primitive;
@@ -36,7 +41,7 @@ struct Plan {
 };
 
 dnnl::convolution_forward::primitive_desc describe(const PlanKey& k, const memory::desc& wei_md) {
-  const auto [n, ic, h, w, oc, kh, kw, stride, pad, sum] = k;
+  [[maybe_unused]] const auto [n, ic, h, w, oc, kh, kw, stride, pad, sum, threads] = k;
   const int64_t oh = (h + 2 * pad - kh) / stride + 1, ow = (w + 2 * pad - kw) / stride + 1;
   const auto f32 = memory::data_type::f32;
   dnnl::primitive_attr attr;
@@ -154,7 +159,7 @@ void PackedConv::add_(const at::Tensor& input, const at::Tensor& residual) {
 const dnnl::memory& PackedConv::packed_weights(const at::Tensor& x) {
   std::call_once(packed_once_, [&] {
     const memory::desc any({oc_, ic_, kh_, kw_}, memory::data_type::f32, memory::format_tag::any);
-    const PlanKey first{x.size(0), ic_, x.size(2), x.size(3), oc_, kh_, kw_, stride_, padding_, 0};
+    const PlanKey first{x.size(0), ic_, x.size(2), x.size(3), oc_, kh_, kw_, stride_, padding_, 0, available_threads()};
     const auto wei_md = describe(first, any).weights_desc();
     memory plain({{oc_, ic_, kh_, kw_}, memory::data_type::f32, memory::format_tag::oihw}, cpu_engine(),
                  weight_.data_ptr<float>());
@@ -171,7 +176,8 @@ void PackedConv::run(const at::Tensor& x, const at::Tensor& out, bool sum) {
   // Visible to torch.profiler like an op (the class methods bypass the dispatcher).
   RECORD_FUNCTION(sum ? "dynexec::onednn_conv_add_" : "dynexec::onednn_conv", std::vector<c10::IValue>());
   const memory& weights = packed_weights(x);
-  const PlanKey key{x.size(0), ic_, x.size(2), x.size(3), oc_, kh_, kw_, stride_, padding_, sum ? 1 : 0};
+  const PlanKey key{x.size(0), ic_, x.size(2), x.size(3), oc_, kh_, kw_, stride_, padding_, sum ? 1 : 0,
+                    available_threads()};
   const Plan& plan = plan_for(key, weights.get_desc());
   at::internal::lazy_init_num_threads();  // this thread's OpenMP team follows torch's setting
   auto& engine = cpu_engine();

@@ -29,6 +29,8 @@ TORCH_LIBRARY_FRAGMENT(dynexec, m) {
       .def("add_block", &BlockLoop::add_block)
       .def("set_recurrent_gate", &BlockLoop::set_recurrent_gate)
       .def("num_blocks", &BlockLoop::num_blocks)
+      .def("set_shards", &BlockLoop::set_shards)
+      .def("shards", &BlockLoop::shards)
       .def("run_planned", &BlockLoop::run_planned)
       .def("run_recurrent", &BlockLoop::run_recurrent);
 }
