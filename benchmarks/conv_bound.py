@@ -15,6 +15,8 @@ convolution library: small sub-batches run at a lower per-sample throughput (fix
 per-call cost, less parallel work). latency.py's realization also includes gates/policy
 (counted in its theoretical speedup) and the regrouping itself; the columns
 "dense other ms" / "routed other ms" are the forward's time outside convolutions.
+The engine runs unsharded (batch_shards=1): with batch shards the profiled convolution
+times of the threads would add up to CPU time, not to the forward's wall time.
 """
 from __future__ import annotations
 
@@ -47,7 +49,7 @@ def profiled(fn) -> tuple[float, float]:
 def measure(name: str, batch: int, repeats: int, convolutions: str = "auto") -> dict:
     images, source = load_images("auto", PRESETS[name].input_size, max(batch, 64))
     model, routing_source = build_preset(name, images[:64])
-    engine = dynexec.compile(model, convolutions=convolutions)
+    engine = dynexec.compile(model, convolutions=convolutions, batch_shards=1)
     x = images[:batch]
     _, routing = engine(x, return_routing=True)
     dense_routing = torch.ones_like(routing)
