@@ -23,11 +23,11 @@
 #include <torch/custom_class.h>
 #include <torch/library.h>
 
-#include <cstdint>
 #include <algorithm>
+#include <cstdint>
 #include <optional>
-#include <utility>
 #include <tuple>
+#include <utility>
 #include <vector>
 
 #include "../cpu/gate_cpu.h"
