@@ -194,7 +194,7 @@ class BlockLoop : public torch::CustomClassHolder {
       h = run_block(blocks_[k], h, idx, active, pooled, /*pool=*/k + 1 < num);
       if (k + 1 == num) break;
       g.lstm.step(pooled, g.embed_w[k], g.embed_b[k], hx, cx, p);
-      active = decide(p, route + k + 1, num, idx);
+      active = decide(p.const_data_ptr<float>(), n, route + k + 1, num, idx);
     }
     return {h, routing};
   }
@@ -229,14 +229,11 @@ class BlockLoop : public torch::CustomClassHolder {
     return h;
   }
 
-  // route[i * stride] = p[i] > 0.5 (SkipNet's rule; NaN: false) and idx = the partition.
-  static int64_t decide(const at::Tensor& prob, bool* route, int64_t stride, at::Tensor& idx) {
-    TORCH_CHECK(prob.scalar_type() == at::kFloat, "BlockLoop: expected float32 gate probabilities, got ",
-                prob.scalar_type());
-    const at::Tensor p = prob.reshape({-1}).contiguous();
-    const float* pp = p.const_data_ptr<float>();
-    for (int64_t i = 0; i < p.numel(); ++i) route[i * stride] = pp[i] > 0.5f;
-    return partition_rows(route, stride, p.numel(), idx.data_ptr<int64_t>());
+  // route[i * stride] = prob[i] > 0.5 for i < n (SkipNet's rule; NaN: false) and idx =
+  // the partition.
+  static int64_t decide(const float* prob, int64_t n, bool* route, int64_t stride, at::Tensor& idx) {
+    for (int64_t i = 0; i < n; ++i) route[i * stride] = prob[i] > 0.5f;
+    return partition_rows(route, stride, n, idx.data_ptr<int64_t>());
   }
 
   std::vector<Block> blocks_;
