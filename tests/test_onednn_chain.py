@@ -204,3 +204,86 @@ def test_bad_arguments_name_what_was_expected():
     idx = torch.tensor([0, 5])
     with pytest.raises(RuntimeError, match="gather_rows"):
         chain.rows_add_relu_(x, idx, 2, x.clone())
+
+
+# ---------------------------------------------------------------- BlockLoop, built by hand
+# The C++ block loop runs branches on NHWC sub-batches in reused workspace buffers with
+# the regrouping kernels called directly (no per-call checks); these tests build loops
+# from chains directly, so that every shortcut kind, a one-convolution branch on its own
+# residual, any routing and bad inputs are covered without a model around them.
+
+def _block_loop(seed=20):
+    """Blocks: basic identity, one-conv identity, projection (16 -> 32, stride 2),
+    basic identity at 32, DownsampleB (32 -> 64, stride 2). Returns the loop and the
+    float64 reference of each block as (branch spec, shortcut)."""
+    loop = torch.classes.dynexec.BlockLoop()
+    specs = []
+    basic16, s1 = make_chain(**BASIC, seed=seed)
+    loop.add_block(basic16, None, 0)
+    specs.append((s1, None))
+    single, s2 = make_chain((16, 16), (1,), (1,), (3,), seed=seed + 1)
+    loop.add_block(single, None, 0)
+    specs.append((s2, None))
+    down, s3 = make_chain(**DOWN, seed=seed + 2)
+    proj, sp = make_chain((16, 32), (2,), (0,), (1,), seed=seed + 3)
+    loop.add_block(down, proj, 0)
+    specs.append((s3, ("projection", sp)))
+    basic32, s4 = make_chain((32, 32, 32), (1, 1), (1, 1), (3, 3), seed=seed + 4)
+    loop.add_block(basic32, None, 0)
+    specs.append((s4, None))
+    down64, s5 = make_chain((32, 64, 64), (2, 1), (1, 1), (3, 3), seed=seed + 5)
+    loop.add_block(down64, None, 64)
+    specs.append((s5, ("downsample_b", 64)))
+    return loop, specs
+
+
+def _loop_reference(specs, x, routing):
+    h = x.double()
+    for k, (spec, shortcut) in enumerate(specs):
+        if shortcut is None:
+            out = h.clone()
+        elif shortcut[0] == "projection":
+            out = reference(shortcut[1], h)
+        else:
+            out = torch.ops.dynexec.downsample_b(h, shortcut[1])
+        rows = routing[:, k]
+        out[rows] = (out[rows] + reference(spec, h[rows])).relu()
+        h = out
+    return h
+
+
+@pytest.mark.parametrize("shards", [1, 2])
+@pytest.mark.parametrize("layout", ["cl", "nchw"])
+def test_block_loop_matches_reference_for_every_shortcut_and_routing(shards, layout):
+    loop, specs = _block_loop()
+    loop.set_shards(shards)
+    gen = torch.Generator().manual_seed(7)
+    for n in (5, 1, 8, 3, 0, 2):
+        x = _x(n, 16, 8, seed=30 + n, layout=layout)
+        for routing in (torch.ones(n, 5, dtype=torch.bool), torch.zeros(n, 5, dtype=torch.bool),
+                        torch.rand(n, 5, generator=gen) < 0.5):
+            y = loop.run_planned(x.clone(), routing)
+            assert y.shape == (n, 64, 2, 2) and y.is_contiguous(memory_format=CL)
+            torch.testing.assert_close(y.double(), _loop_reference(specs, x, routing), **TOL)
+
+
+def test_block_loop_rejects_inputs_its_blocks_cannot_take():
+    loop, _ = _block_loop()
+    every = torch.ones(2, 5, dtype=torch.bool)
+    with pytest.raises(RuntimeError, match=r"expected an input \[N, 16, H, W\].*got \[2, 8, 8, 8\]"):
+        loop.run_planned(torch.randn(2, 8, 8, 8), every)
+    with pytest.raises(RuntimeError, match="expected a float32 CPU input"):
+        loop.run_planned(torch.randn(2, 16, 8, 8, dtype=torch.float64), every)
+    with pytest.raises(RuntimeError, match="expected a float32 CPU input"):
+        loop.run_planned(torch.randn(2, 16, 8), every)
+    # a block whose input channels do not follow from the previous block's output
+    bad = torch.classes.dynexec.BlockLoop()
+    bad.add_block(make_chain(**BASIC, seed=1)[0], None, 0)
+    bad.add_block(make_chain((32, 32, 32), (1, 1), (1, 1), (3, 3), seed=2)[0], None, 0)
+    with pytest.raises(RuntimeError, match=r"expected an input \[N, 32, H, W\].*got \[2, 16, 8, 8\]"):
+        bad.run_planned(_x(2, 16, 8), torch.ones(2, 2, dtype=torch.bool))
+    # a shortcut whose output does not match the branch's
+    mismatched = torch.classes.dynexec.BlockLoop()
+    mismatched.add_block(make_chain(**DOWN, seed=3)[0], None, 48)
+    with pytest.raises(RuntimeError, match="shortcut gives"):
+        mismatched.run_planned(_x(2, 16, 8), torch.ones(2, 1, dtype=torch.bool))

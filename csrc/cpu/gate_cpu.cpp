@@ -244,8 +244,8 @@ void run_gate(const GateArgs<scalar_t, acc_t>& args, int64_t N) {
     // 64-byte aligned: the alignment a vector type gets depends on the clone's target
     // (16 bytes for SSE2, 32 for AVX2), so alignof cannot be trusted here.
     using V = typename Lanes<acc_t>::V;
-    std::vector<acc_t> scratch(
-        static_cast<size_t>((gate_scratch_vectors(C, E, H) + 2) * Lanes<acc_t>::kTile));
+    thread_local std::vector<acc_t> scratch;  // reused: no allocation per step
+    scratch.resize(static_cast<size_t>((gate_scratch_vectors(C, E, H) + 2) * Lanes<acc_t>::kTile));
     void* p = scratch.data();
     size_t space = scratch.size() * sizeof(acc_t);
     gate_rows<scalar_t, acc_t>(args, begin, end,

@@ -23,6 +23,7 @@
 #include "../checks.h"
 #include "../index_math.h"
 #include "clones.h"
+#include "regroup_cpu.h"
 
 namespace dynexec {
 namespace {
@@ -66,6 +67,17 @@ void check_indices_distinct(const char* op, const int64_t* idx, int64_t count, i
   }
 }
 
+// y[r] = x[idx[r]] (idx null: r) for rows of row_len elements of esize bytes; x's rows
+// are x_bstride elements apart, y's dense.
+void gather_rows_bytes(const char* xp, int64_t x_bstride, const int64_t* ip, int64_t count, int64_t row_len,
+                       int64_t esize, char* yp) {
+  parallel_row_segments(count, row_len, kGrainElems, [&](int64_t r, int64_t off, int64_t len) {
+    std::memcpy(yp + im::row_element_offset(r, row_len, off) * esize,
+                xp + im::row_element_offset(ip ? ip[r] : r, x_bstride, off) * esize,
+                static_cast<size_t>(len * esize));
+  });
+}
+
 std::tuple<at::Tensor, at::Tensor> partition_cpu(const at::Tensor& mask_) {
   check_mask(mask_);
   const at::Tensor mask = mask_.contiguous();
@@ -100,34 +112,30 @@ at::Tensor gather_rows_cpu(const at::Tensor& x_, const at::Tensor& idx_, int64_t
   const int64_t row_len = row_numel(x);
   if (count == 0 || row_len == 0) return y;
 
-  const int64_t esize = x.element_size();
-  const char* xp = static_cast<const char*>(x.data_ptr());
-  char* yp = static_cast<char*>(y.data_ptr());
-  const int64_t x_bstride = x.stride(0);
-  parallel_row_segments(count, row_len, kGrainElems, [&](int64_t r, int64_t off, int64_t len) {
-    std::memcpy(yp + im::row_element_offset(r, row_len, off) * esize,
-                xp + im::row_element_offset(ip[r], x_bstride, off) * esize,
-                static_cast<size_t>(len * esize));
-  });
+  gather_rows_bytes(static_cast<const char*>(x.data_ptr()), x.stride(0), ip, count, row_len, x.element_size(),
+                    static_cast<char*>(y.data_ptr()));
   return y;
 }
 
 // out[idx[r]] = relu(y[r] + out[idx[r]]) for r < count; idx == nullptr means identity.
 // Both out and y must have dense rows with the same in-row layout.
+template <typename scalar_t>
+void scatter_rows(scalar_t* op, int64_t o_bstride, const scalar_t* yp, int64_t y_bstride, const int64_t* ip,
+                  int64_t count, int64_t row_len) {
+  parallel_row_segments(count, row_len, kGrainElems, [&](int64_t r, int64_t off, int64_t len) {
+    const int64_t dst_row = ip ? ip[r] : r;
+    scalar_t* __restrict__ o = op + im::row_element_offset(dst_row, o_bstride, off);
+    const scalar_t* __restrict__ s = yp + im::row_element_offset(r, y_bstride, off);
+    for (int64_t j = 0; j < len; ++j) o[j] = im::relu_add<scalar_t>(o[j], s[j]);
+  });
+}
+
 void fused_scatter_rows(at::Tensor& out, const at::Tensor& y, const int64_t* ip, int64_t count,
                         int64_t row_len) {
-  const int64_t o_bstride = out.stride(0);
-  const int64_t y_bstride = y.stride(0);
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, out.scalar_type(), "dynexec_scatter_residual_relu_cpu", [&] {
-        scalar_t* op = out.data_ptr<scalar_t>();
-        const scalar_t* yp = y.const_data_ptr<scalar_t>();
-        parallel_row_segments(count, row_len, kGrainElems, [&](int64_t r, int64_t off, int64_t len) {
-          const int64_t dst_row = ip ? ip[r] : r;
-          scalar_t* __restrict__ o = op + im::row_element_offset(dst_row, o_bstride, off);
-          const scalar_t* __restrict__ s = yp + im::row_element_offset(r, y_bstride, off);
-          for (int64_t j = 0; j < len; ++j) o[j] = im::relu_add<scalar_t>(o[j], s[j]);
-        });
+        scatter_rows<scalar_t>(out.data_ptr<scalar_t>(), out.stride(0), y.const_data_ptr<scalar_t>(), y.stride(0),
+                               ip, count, row_len);
       });
 }
 
@@ -214,49 +222,54 @@ DYNEXEC_CPU_CLONES void scatter_pool_row_cl(scalar_t* __restrict__ o,
 }
 
 // For r < count: out row o_row = (out_rows ? out_rows[r] : r) becomes
-// relu(y[r] + out[o_row]) (relu(out[o_row]) if y is undefined) and
+// relu(y[r] + out[o_row]) (relu(out[o_row]) unless kResidual) and
 // pooled[pool_rows ? pool_rows[r] : r, c] the mean of its channel c.
 // out and y rows are dense with the same in-row layout (NCHW or channels_last).
+template <bool kResidual, typename scalar_t>
+void update_and_pool_rows(scalar_t* op, int64_t o_bstride, const scalar_t* yp, int64_t y_bstride, const int64_t* out_rows,
+               const int64_t* pool_rows, int64_t count, bool channels_last, int64_t C, int64_t HW,
+               scalar_t* pp) {
+  using acc_t = at::opmath_type<scalar_t>;
+  if (!channels_last) {
+    // One task = one channel plane (r, c): HW contiguous elements, one sum.
+    const int64_t grain = std::max<int64_t>(1, kGrainElems / std::max<int64_t>(1, HW));
+    at::parallel_for(0, count * C, grain, [&](int64_t begin, int64_t end) {
+      for (int64_t t = begin; t < end; ++t) {
+        const int64_t r = t / C, c = t % C;
+        const int64_t o_row = out_rows ? out_rows[r] : r;
+        const int64_t off = im::row_plane_offset(c, 0, C, HW, false);
+        const acc_t sum = scatter_plane_sum<kResidual, scalar_t, acc_t>(
+            op + im::row_element_offset(o_row, o_bstride, off),
+            kResidual ? yp + im::row_element_offset(r, y_bstride, off) : nullptr, HW);
+        pp[im::pooled_offset(pool_rows ? pool_rows[r] : r, c, C)] = im::plane_mean<scalar_t, acc_t>(sum, HW);
+      }
+    });
+    return;
+  }
+  // channels_last: a row is [HW, C], so one task = whole rows.
+  const int64_t grain = std::max<int64_t>(1, kGrainElems / std::max<int64_t>(1, C * HW));
+  at::parallel_for(0, count, grain, [&](int64_t begin, int64_t end) {
+    thread_local std::vector<acc_t> acc;  // reused: no allocation per call
+    acc.resize(static_cast<size_t>(4 * C));
+    for (int64_t r = begin; r < end; ++r) {
+      scatter_pool_row_cl<kResidual, scalar_t, acc_t>(
+          op + im::row_element_offset(out_rows ? out_rows[r] : r, o_bstride, 0),
+          kResidual ? yp + im::row_element_offset(r, y_bstride, 0) : nullptr, C, HW, acc.data(),
+          pp + im::pooled_offset(pool_rows ? pool_rows[r] : r, 0, C));
+    }
+  });
+}
+
 template <bool kResidual>
 void fused_pool_rows(at::Tensor& out, const at::Tensor& y, const int64_t* out_rows,
                      const int64_t* pool_rows, int64_t count, bool channels_last,
                      at::Tensor& pooled) {
-  const int64_t C = out.size(1), HW = out.size(2) * out.size(3);
-  const int64_t o_bstride = out.stride(0), y_bstride = kResidual ? y.stride(0) : 0;
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, out.scalar_type(), "dynexec_pool_rows_cpu", [&] {
-        using acc_t = at::opmath_type<scalar_t>;
-        scalar_t* op = out.data_ptr<scalar_t>();
-        const scalar_t* yp = kResidual ? y.const_data_ptr<scalar_t>() : nullptr;
-        scalar_t* pp = pooled.data_ptr<scalar_t>();
-        if (!channels_last) {
-          // One task = one channel plane (r, c): HW contiguous elements, one sum.
-          const int64_t grain = std::max<int64_t>(1, kGrainElems / std::max<int64_t>(1, HW));
-          at::parallel_for(0, count * C, grain, [&](int64_t begin, int64_t end) {
-            for (int64_t t = begin; t < end; ++t) {
-              const int64_t r = t / C, c = t % C;
-              const int64_t o_row = out_rows ? out_rows[r] : r;
-              const int64_t off = im::row_plane_offset(c, 0, C, HW, false);
-              const acc_t sum = scatter_plane_sum<kResidual, scalar_t, acc_t>(
-                  op + im::row_element_offset(o_row, o_bstride, off),
-                  kResidual ? yp + im::row_element_offset(r, y_bstride, off) : nullptr, HW);
-              pp[im::pooled_offset(pool_rows ? pool_rows[r] : r, c, C)] =
-                  im::plane_mean<scalar_t, acc_t>(sum, HW);
-            }
-          });
-          return;
-        }
-        // channels_last: a row is [HW, C], so one task = whole rows.
-        const int64_t grain = std::max<int64_t>(1, kGrainElems / std::max<int64_t>(1, C * HW));
-        at::parallel_for(0, count, grain, [&](int64_t begin, int64_t end) {
-          std::vector<acc_t> acc(static_cast<size_t>(4 * C));
-          for (int64_t r = begin; r < end; ++r) {
-            scatter_pool_row_cl<kResidual, scalar_t, acc_t>(
-                op + im::row_element_offset(out_rows ? out_rows[r] : r, o_bstride, 0),
-                kResidual ? yp + im::row_element_offset(r, y_bstride, 0) : nullptr, C, HW,
-                acc.data(), pp + im::pooled_offset(pool_rows ? pool_rows[r] : r, 0, C));
-          }
-        });
+        update_and_pool_rows<kResidual, scalar_t>(out.data_ptr<scalar_t>(), out.stride(0),
+                                       kResidual ? y.const_data_ptr<scalar_t>() : nullptr,
+                                       kResidual ? y.stride(0) : 0, out_rows, pool_rows, count, channels_last,
+                                       out.size(1), out.size(2) * out.size(3), pooled.data_ptr<scalar_t>());
       });
 }
 
@@ -310,7 +323,40 @@ void relu_pool_cpu(const at::Tensor& x_, const at::Tensor& pooled_) {
   x.copy_(dense);
 }
 
+// x = relu(x) for len elements (vectorised in the x86-64-v3 clone).
+DYNEXEC_CPU_CLONES void relu_span(float* __restrict__ x, int64_t len) {
+  for (int64_t j = 0; j < len; ++j) x[j] = im::relu<float>(x[j]);
+}
+
 }  // namespace
+
+namespace cpu {
+
+void gather_rows_f32(const float* x, int64_t x_row_stride, const int64_t* idx, int64_t count, int64_t row_len,
+                     float* y) {
+  gather_rows_bytes(reinterpret_cast<const char*>(x), x_row_stride, idx, count, row_len, sizeof(float),
+                    reinterpret_cast<char*>(y));
+}
+
+void scatter_residual_relu_f32(float* out, int64_t out_row_stride, const float* y, const int64_t* idx,
+                               int64_t count, int64_t row_len) {
+  scatter_rows<float>(out, out_row_stride, y, row_len, idx, count, row_len);
+}
+
+void scatter_residual_relu_pool_nhwc_f32(float* out, int64_t out_row_stride, const float* y, const int64_t* idx,
+                                         int64_t count, int64_t C, int64_t HW, float* pooled) {
+  update_and_pool_rows<true, float>(out, out_row_stride, y, C * HW, idx, idx, count, /*channels_last=*/true, C, HW, pooled);
+}
+
+void relu_pool_nhwc_f32(float* x, int64_t n, int64_t C, int64_t HW, float* pooled) {
+  update_and_pool_rows<false, float>(x, C * HW, nullptr, 0, nullptr, nullptr, n, /*channels_last=*/true, C, HW, pooled);
+}
+
+void relu_f32(float* x, int64_t numel) {
+  at::parallel_for(0, numel, kGrainElems, [&](int64_t begin, int64_t end) { relu_span(x + begin, end - begin); });
+}
+
+}  // namespace cpu
 }  // namespace dynexec
 
 TORCH_LIBRARY_IMPL(dynexec, CPU, m) {

@@ -31,9 +31,11 @@
 #include <vector>
 
 #include "../cpu/gate_cpu.h"
+#include "../cpu/regroup_cpu.h"
 #include "../index_math.h"
 #include "chain.h"
 #include "native_ops.h"
+#include "workspace.h"
 
 namespace dynexec {
 namespace loop_detail {
@@ -140,7 +142,12 @@ class BlockLoop : public torch::CustomClassHolder {
   // every thread per convolution, gather, ReLU, scatter and gate step. Measured on 2
   // cores (README "Performance"): SkipNet-110 ~15 % faster at batch 8, ~6 % at 32.
   template <typename F>
-  std::pair<at::Tensor, at::Tensor> sharded(const at::Tensor& h, const F& f) const {
+  std::pair<at::Tensor, at::Tensor> sharded(const at::Tensor& input, const F& f) const {
+    TORCH_CHECK(input.scalar_type() == at::kFloat && input.device().is_cpu() && input.dim() == 4,
+                "BlockLoop: expected a float32 CPU input [N, C, H, W], got ", input.scalar_type(), " on ",
+                input.device(), " with shape ", input.sizes());
+    // NHWC-dense, as every kernel of the loop reads it (a no-op for the stem's output)
+    const at::Tensor h = input.contiguous(at::MemoryFormat::ChannelsLast);
     const int64_t n = h.size(0);
 #if AT_PARALLEL_OPENMP
     const int64_t per_thread = at::in_parallel_region() ? 1 : at::get_num_threads();
@@ -161,20 +168,18 @@ class BlockLoop : public torch::CustomClassHolder {
         std::tie(outs[s], routings[s]) = f(h.narrow(0, lo, hi - lo), lo);
       }
     });
-    at::Tensor out = at::cat(outs, 0);
-    if (h.is_contiguous(at::MemoryFormat::ChannelsLast) && !out.is_contiguous(at::MemoryFormat::ChannelsLast)) {
-      out = out.contiguous(at::MemoryFormat::ChannelsLast);
-    }
+    at::Tensor out = at::cat(outs, 0).contiguous(at::MemoryFormat::ChannelsLast);
     return {out, routings[0].defined() ? at::cat(routings, 0) : at::Tensor()};
   }
 
   at::Tensor planned_rows(at::Tensor h, const at::Tensor& routing) {
     const int64_t n = h.size(0), num = num_blocks();
-    at::Tensor idx = at::empty({n}, h.options().dtype(at::kLong));
+    std::vector<int64_t> idx(static_cast<size_t>(n));
     at::Tensor no_pool;
+    Workspace ws;
     for (int64_t k = 0; k < num; ++k) {
-      const int64_t active = partition_rows(routing.const_data_ptr<bool>() + k, num, n, idx.data_ptr<int64_t>());
-      h = run_block(blocks_[k], h, idx, active, no_pool, /*pool=*/false);
+      const int64_t active = partition_rows(routing.const_data_ptr<bool>() + k, num, n, idx.data());
+      h = run_block(blocks_[k], h, idx.data(), active, no_pool, /*pool=*/false, ws);
     }
     return h;
   }
@@ -186,15 +191,16 @@ class BlockLoop : public torch::CustomClassHolder {
     const at::TensorOptions plain = h.options().memory_format(at::MemoryFormat::Contiguous);
     at::Tensor hx = at::zeros({n, g.lstm.hidden()}, plain), cx = at::zeros({n, g.lstm.hidden()}, plain);
     at::Tensor p = at::empty({n}, plain);
-    at::Tensor idx = at::arange(n, h.options().dtype(at::kLong));
+    std::vector<int64_t> idx(static_cast<size_t>(n));
     at::Tensor pooled;  // the current h's spatial means [N, C] (undefined before block 0)
     int64_t active = n;
     bool* route = routing.data_ptr<bool>();
+    Workspace ws;
     for (int64_t k = 0; k < num; ++k) {
-      h = run_block(blocks_[k], h, idx, active, pooled, /*pool=*/k + 1 < num);
+      h = run_block(blocks_[k], h, idx.data(), active, pooled, /*pool=*/k + 1 < num, ws);
       if (k + 1 == num) break;
       g.lstm.step(pooled, g.embed_w[k], g.embed_b[k], hx, cx, p);
-      active = decide(p.const_data_ptr<float>(), n, route + k + 1, num, idx);
+      active = decide(p.const_data_ptr<float>(), n, route + k + 1, num, idx.data());
     }
     return {h, routing};
   }
@@ -205,35 +211,63 @@ class BlockLoop : public torch::CustomClassHolder {
     return h;  // the engine owns h: an identity block updates it in place
   }
 
-  // Block b on the `active` rows idx[:active] of h; with `pool`, pooled becomes the
-  // output's spatial means (the next gate's input).
-  at::Tensor run_block(const Block& b, const at::Tensor& h, const at::Tensor& idx, int64_t active,
-                       at::Tensor& pooled, bool pool) {
-    const int64_t n = h.size(0);
+  // Block b on the `active` rows idx[:active] of h (NHWC-dense); with `pool`, pooled
+  // becomes the output's spatial means (the next gate's input). Sub-batches live in ws.
+  at::Tensor run_block(const Block& b, const at::Tensor& h, const int64_t* idx, int64_t active,
+                       at::Tensor& pooled, bool pool, Workspace& ws) {
+    const int64_t n = h.size(0), row = h.numel() / std::max<int64_t>(n, 1);
+    const onednn::Nhwc expected = b.branch->checked_output(onednn::nhwc_of(h));
     if (!b.identity() || !pool || !pooled.defined()) {  // (block 0 has no cached means)
-      at::Tensor out = shortcut(b, h);
+      at::Tensor out = shortcut(b, h).contiguous(at::MemoryFormat::ChannelsLast);
+      check_output(out, expected);
+      float* o = out.data_ptr<float>();
       if (active == n) {
-        b.branch->add_relu_(h, out);
+        b.branch->add_into(onednn::nhwc_of(h), o, ws);
+        cpu::relu_f32(o, out.numel());
       } else if (active > 0) {
-        b.branch->rows_add_relu_(h, idx, active, out);
+        const int64_t out_row = expected.h * expected.w * expected.c;
+        const onednn::Nhwc y = b.branch->run_into(gather(h, idx, active, ws), ws);
+        cpu::scatter_residual_relu_f32(o, out_row, y.data, idx, active, out_row);
       }
       if (pool) pooled = out.mean({2, 3}).contiguous();
       return out;
     }
     // Identity shortcut: rows the block skips keep their values and their cached means.
+    check_output(h, expected);
+    const int64_t C = h.size(1), HW = h.size(2) * h.size(3);
     if (active == n) {
-      b.branch->add_relu_pool_(h, h, pooled);
+      b.branch->add_into(onednn::nhwc_of(h), h.data_ptr<float>(), ws);
+      cpu::relu_pool_nhwc_f32(h.data_ptr<float>(), n, C, HW, pooled.data_ptr<float>());
     } else if (active > 0) {
-      b.branch->rows_add_relu_pool_(h, idx, active, h, pooled);
+      const onednn::Nhwc y = b.branch->run_into(gather(h, idx, active, ws), ws);
+      cpu::scatter_residual_relu_pool_nhwc_f32(h.data_ptr<float>(), row, y.data, idx, active, C, HW,
+                                               pooled.data_ptr<float>());
     }
     return h;
   }
 
+  static void check_output(const at::Tensor& out, const onednn::Nhwc& branch) {
+    TORCH_CHECK(out.size(1) == branch.c && out.size(2) == branch.h && out.size(3) == branch.w,
+                "BlockLoop: a block's shortcut gives ", out.sizes(), " but its branch [", branch.n, ", ", branch.c,
+                ", ", branch.h, ", ", branch.w, "]");
+  }
+
+  // h[idx[:count]] into the workspace's kGathered slot.
+  static onednn::Nhwc gather(const at::Tensor& h, const int64_t* idx, int64_t count, Workspace& ws) {
+    onednn::Nhwc rows = onednn::nhwc_of(h);
+    const int64_t row = rows.h * rows.w * rows.c;
+    float* data = ws.get(Workspace::kGathered, count * row);
+    cpu::gather_rows_f32(rows.data, row, idx, count, row, data);
+    rows.data = data;
+    rows.n = count;
+    return rows;
+  }
+
   // route[i * stride] = prob[i] > 0.5 for i < n (SkipNet's rule; NaN: false) and idx =
   // the partition.
-  static int64_t decide(const float* prob, int64_t n, bool* route, int64_t stride, at::Tensor& idx) {
+  static int64_t decide(const float* prob, int64_t n, bool* route, int64_t stride, int64_t* idx) {
     for (int64_t i = 0; i < n; ++i) route[i * stride] = prob[i] > 0.5f;
-    return partition_rows(route, stride, n, idx.data_ptr<int64_t>());
+    return partition_rows(route, stride, n, idx);
   }
 
   std::vector<Block> blocks_;

@@ -20,12 +20,15 @@
 #include <torch/custom_class.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <memory>
 #include <string>
 #include <vector>
 
+#include "../cpu/regroup_cpu.h"
 #include "native_ops.h"
 #include "packed_conv.h"
+#include "workspace.h"
 
 namespace dynexec {
 
@@ -90,7 +93,52 @@ class OneDnnChain : public torch::CustomClassHolder {
 
   int64_t num_convs() const { return static_cast<int64_t>(convs_.size()); }
 
+  // ---- For BlockLoop: NHWC-dense float32 activations, intermediates in a Workspace, no
+  // per-call checks or allocations (BlockLoop validated its inputs once).
+
+  // The chain's output shape for x (data null), checking every convolution's input:
+  // BlockLoop checks each block once per call instead of each convolution.
+  onednn::Nhwc checked_output(onednn::Nhwc x) const {
+    for (const auto& conv : convs_) {
+      conv->check_input(x);
+      x = conv->output_of(x, nullptr);
+    }
+    return x;
+  }
+
+  // The chain on x with every output in workspace slots; returns the last convolution's
+  // output (no ReLU after it: a residual branch). x may be in the kGathered slot.
+  onednn::Nhwc run_into(const onednn::Nhwc& x, Workspace& ws) {
+    onednn::Nhwc y = x;
+    for (size_t i = 0; i < convs_.size(); ++i) y = conv_into(i, y, ws);
+    return y;
+  }
+
+  // residual += chain(x) (residual: x's output shape), the add being the last
+  // convolution's sum post-op.
+  void add_into(const onednn::Nhwc& x, float* residual, Workspace& ws) {
+    onednn::Nhwc y = x;
+    for (size_t i = 0; i + 1 < convs_.size(); ++i) y = conv_into(i, y, ws);
+    if (y.data == residual) {  // a one-convolution branch on its own residual: read a copy
+      float* copy = ws.get(Workspace::kFirst, y.numel());
+      std::copy(y.data, y.data + y.numel(), copy);
+      y.data = copy;
+    }
+    convs_.back()->run(y, residual, /*sum=*/true);
+  }
+
  private:
+  // Convolution i of the chain on x into slot kFirst / kSecond (alternating, so never
+  // x's own), followed by a ReLU unless it is the last one.
+  onednn::Nhwc conv_into(size_t i, const onednn::Nhwc& x, Workspace& ws) {
+    onednn::PackedConv& conv = *convs_[i];
+    onednn::Nhwc y = conv.output_of(x, nullptr);
+    y.data = ws.get(i % 2 == 0 ? Workspace::kFirst : Workspace::kSecond, y.numel());
+    conv.run(x, y.data, /*sum=*/false);
+    if (i + 1 < convs_.size()) cpu::relu_f32(y.data, y.numel());
+    return y;
+  }
+
   at::Tensor all_but_last(const at::Tensor& x) {
     at::Tensor y = x;
     for (size_t i = 0; i + 1 < convs_.size(); ++i) y = convs_[i]->forward(y).relu_();

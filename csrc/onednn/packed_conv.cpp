@@ -5,7 +5,6 @@
 #include <ATen/record_function.h>
 
 #include <map>
-#include <unordered_map>
 #include <utility>
 
 namespace dynexec {
@@ -92,6 +91,28 @@ void* thread_scratchpad(size_t bytes) {
   return buffer.data_ptr();
 }
 
+// A plan with this thread's memory objects for its src, dst and scratchpad: a call only
+// sets their data pointers (creating dnnl::memory objects and an argument map per call
+// cost ~1-2 us, as much as a small convolution's arithmetic). Thread-local, so the plan
+// cache's lock is taken only the first time a thread sees a key.
+struct Bound {
+  const Plan* plan;
+  memory src, dst, scratchpad;
+};
+
+Bound& bound_for(const PlanKey& key, const memory::desc& wei_md) {
+  thread_local std::map<PlanKey, Bound> bound;
+  auto it = bound.find(key);
+  if (it == bound.end()) {
+    const Plan& plan = plan_for(key, wei_md);
+    auto& engine = cpu_engine();
+    it = bound.emplace(key, Bound{&plan, memory(plan.src, engine, nullptr), memory(plan.dst, engine, nullptr),
+                                  memory(plan.scratchpad, engine, nullptr)})
+             .first;
+  }
+  return it->second;
+}
+
 }  // namespace
 
 PackedConv::PackedConv(const at::Tensor& weight, const at::Tensor& bias, int64_t stride,
@@ -130,10 +151,19 @@ std::array<int64_t, 4> PackedConv::output_shape(const at::Tensor& x) const {
           (x.size(3) + 2 * padding_ - kw_) / stride_ + 1};
 }
 
+void PackedConv::check_input(const Nhwc& x) const {
+  TORCH_CHECK(x.c == ic_ && x.h + 2 * padding_ >= kh_ && x.w + 2 * padding_ >= kw_, name_, ": expected an input [N, ",
+              ic_, ", H, W] with H, W >= ", kh_ - 2 * padding_, ", got [", x.n, ", ", x.c, ", ", x.h, ", ", x.w, "]");
+}
+
+Nhwc PackedConv::output_of(const Nhwc& x, float* data) const {
+  return Nhwc{data, x.n, (x.h + 2 * padding_ - kh_) / stride_ + 1, (x.w + 2 * padding_ - kw_) / stride_ + 1, oc_};
+}
+
 at::Tensor PackedConv::forward(const at::Tensor& input) {
   const at::Tensor x = checked_input(input);
   at::Tensor out = at::empty(output_shape(x), x.options().memory_format(at::MemoryFormat::ChannelsLast));
-  if (x.size(0) > 0) run(x, out, /*sum=*/false);
+  if (x.size(0) > 0) run(nhwc_of(x), out.data_ptr<float>(), /*sum=*/false);
   return out;
 }
 
@@ -151,16 +181,17 @@ void PackedConv::add_(const at::Tensor& input, const at::Tensor& residual) {
     at::Tensor(residual).add_(forward(x));  // no in-place epilogue into this layout
     return;
   }
-  run(x, residual, /*sum=*/true);
+  run(nhwc_of(x), residual.data_ptr<float>(), /*sum=*/true);
 }
 
 // The weights, reordered once into the layout oneDNN prefers for the first input seen
 // (sub-batches of other sizes reuse that layout: their primitives are created for it).
-const dnnl::memory& PackedConv::packed_weights(const at::Tensor& x) {
+void PackedConv::pack_once(const Nhwc& x) {
   std::call_once(packed_once_, [&] {
     const memory::desc any({oc_, ic_, kh_, kw_}, memory::data_type::f32, memory::format_tag::any);
-    const PlanKey first{x.size(0), ic_, x.size(2), x.size(3), oc_, kh_, kw_, stride_, padding_, 0, available_threads()};
-    const auto wei_md = describe(first, any).weights_desc();
+    const PlanKey first{x.n, ic_, x.h, x.w, oc_, kh_, kw_, stride_, padding_, 0, available_threads()};
+    const auto pd = describe(first, any);
+    const auto wei_md = pd.weights_desc();
     memory plain({{oc_, ic_, kh_, kw_}, memory::data_type::f32, memory::format_tag::oihw}, cpu_engine(),
                  weight_.data_ptr<float>());
     packed_storage_ = at::empty({static_cast<int64_t>(wei_md.get_size())}, weight_.options().dtype(at::kByte));
@@ -168,27 +199,32 @@ const dnnl::memory& PackedConv::packed_weights(const at::Tensor& x) {
     dnnl::reorder(plain, packed).execute(thread_stream(), plain, packed);
     thread_stream().wait();
     packed_ = packed;
+    bias_memory_ = memory(pd.bias_desc(), cpu_engine(), bias_.data_ptr());
   });
-  return packed_;
 }
 
-void PackedConv::run(const at::Tensor& x, const at::Tensor& out, bool sum) {
+void PackedConv::run(const Nhwc& x, float* out, bool sum) {
   // Visible to torch.profiler like an op (the class methods bypass the dispatcher).
   RECORD_FUNCTION(sum ? "dynexec::onednn_conv_add_" : "dynexec::onednn_conv", std::vector<c10::IValue>());
-  const memory& weights = packed_weights(x);
-  const PlanKey key{x.size(0), ic_, x.size(2), x.size(3), oc_, kh_, kw_, stride_, padding_, sum ? 1 : 0,
-                    available_threads()};
-  const Plan& plan = plan_for(key, weights.get_desc());
+  if (x.n == 0) return;
+  pack_once(x);
+  const PlanKey key{x.n, ic_, x.h, x.w, oc_, kh_, kw_, stride_, padding_, sum ? 1 : 0, available_threads()};
+  Bound& bound = bound_for(key, packed_.get_desc());
   at::internal::lazy_init_num_threads();  // this thread's OpenMP team follows torch's setting
-  auto& engine = cpu_engine();
-  std::unordered_map<int, memory> args{{DNNL_ARG_SRC, memory(plan.src, engine, x.data_ptr())},
-                                       {DNNL_ARG_WEIGHTS, weights},
-                                       {DNNL_ARG_BIAS, memory(plan.bias, engine, bias_.data_ptr())},
-                                       {DNNL_ARG_DST, memory(plan.dst, engine, out.data_ptr())}};
-  if (const size_t bytes = plan.scratchpad.get_size(); bytes > 0) {
-    args.emplace(DNNL_ARG_SCRATCHPAD, memory(plan.scratchpad, engine, thread_scratchpad(bytes)));
+  bound.src.set_data_handle(x.data);
+  bound.dst.set_data_handle(out);
+  dnnl_exec_arg_t args[5] = {{DNNL_ARG_SRC, bound.src.get()},
+                             {DNNL_ARG_WEIGHTS, packed_.get()},
+                             {DNNL_ARG_BIAS, bias_memory_.get()},
+                             {DNNL_ARG_DST, bound.dst.get()},
+                             {DNNL_ARG_SCRATCHPAD, nullptr}};
+  int nargs = 4;
+  if (const size_t bytes = bound.plan->scratchpad.get_size(); bytes > 0) {
+    bound.scratchpad.set_data_handle(thread_scratchpad(bytes));
+    args[nargs++].memory = bound.scratchpad.get();
   }
-  plan.primitive.execute(thread_stream(), args);
+  dnnl::error::wrap_c_api(dnnl_primitive_execute(bound.plan->primitive.get(), thread_stream().get(), nargs, args),
+                          "dynexec: oneDNN convolution failed");
   thread_stream().wait();
 }
 

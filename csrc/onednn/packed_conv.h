@@ -24,6 +24,13 @@
 namespace dynexec {
 namespace onednn {
 
+// An NHWC-dense float32 activation: n samples of [h, w, c] at data.
+struct Nhwc {
+  float* data;
+  int64_t n, h, w, c;
+  int64_t numel() const { return n * h * w * c; }
+};
+
 class PackedConv {
  public:
   // weight [OC, IC, KH, KW] and bias [OC], float32 on CPU (checked; errors name the
@@ -37,22 +44,37 @@ class PackedConv {
   // residual is NHWC-dense (no output allocated), else a separate add.
   void add_(const at::Tensor& x, const at::Tensor& residual);
 
+  // out = conv(x) + bias (+ out with sum) for NHWC-dense x and out, without the checks of
+  // forward / add_: x.c == in_channels() and out has x.n samples of output_hw(x) x
+  // out_channels() (the caller, OneDnnChain, sizes its buffers so). Allocates nothing
+  // once this thread has run the same geometry and batch size before.
+  void run(const Nhwc& x, float* out, bool sum);
+  // The output of x: [x.n, oh, ow, out_channels()].
+  Nhwc output_of(const Nhwc& x, float* data) const;
+  // Checks that x has in_channels() channels and room for the kernel (what forward
+  // checks), for callers of run.
+  void check_input(const Nhwc& x) const;
+
   int64_t in_channels() const { return ic_; }
   int64_t out_channels() const { return oc_; }
 
  private:
   at::Tensor checked_input(const at::Tensor& x) const;
   std::array<int64_t, 4> output_shape(const at::Tensor& x) const;
-  const dnnl::memory& packed_weights(const at::Tensor& x);
-  void run(const at::Tensor& x, const at::Tensor& out, bool sum);
+  void pack_once(const Nhwc& x);
 
   std::string name_;
   at::Tensor weight_, bias_;
   int64_t oc_, ic_, kh_, kw_, stride_, padding_;
   std::once_flag packed_once_;
   at::Tensor packed_storage_;
-  dnnl::memory packed_;
+  dnnl::memory packed_, bias_memory_;
 };
+
+// An at::Tensor's NHWC-dense data as an Nhwc (t: float32, 4-D, channels_last-contiguous).
+inline Nhwc nhwc_of(const at::Tensor& t) {
+  return Nhwc{t.data_ptr<float>(), t.size(0), t.size(2), t.size(3), t.size(1)};
+}
 
 // Number of oneDNN primitives created so far (one per geometry and sub-batch size).
 int64_t plan_count();
