@@ -119,14 +119,19 @@ at::Tensor gather_rows_cpu(const at::Tensor& x_, const at::Tensor& idx_, int64_t
 
 // out[idx[r]] = relu(y[r] + out[idx[r]]) for r < count; idx == nullptr means identity.
 // Both out and y must have dense rows with the same in-row layout.
-template <typename scalar_t>
+// out[idx[r]] = relu(out[idx[r]] + y[r]), or with kCopy relu(y[r]).
+template <typename scalar_t, bool kCopy = false>
 void scatter_rows(scalar_t* op, int64_t o_bstride, const scalar_t* yp, int64_t y_bstride, const int64_t* ip,
                   int64_t count, int64_t row_len) {
   parallel_row_segments(count, row_len, kGrainElems, [&](int64_t r, int64_t off, int64_t len) {
     const int64_t dst_row = ip ? ip[r] : r;
     scalar_t* __restrict__ o = op + im::row_element_offset(dst_row, o_bstride, off);
     const scalar_t* __restrict__ s = yp + im::row_element_offset(r, y_bstride, off);
-    for (int64_t j = 0; j < len; ++j) o[j] = im::relu_add<scalar_t>(o[j], s[j]);
+    if constexpr (kCopy) {
+      for (int64_t j = 0; j < len; ++j) o[j] = im::relu<scalar_t>(s[j]);
+    } else {
+      for (int64_t j = 0; j < len; ++j) o[j] = im::relu_add<scalar_t>(o[j], s[j]);
+    }
   });
 }
 
@@ -168,9 +173,23 @@ void scatter_residual_relu_cpu(const at::Tensor& out_, const at::Tensor& y_, con
 }
 
 // ------------------------------------------------------------------ scatter + pool
-// o[j] = relu(s[j] + o[j]) (kResidual) or relu(o[j]) (s unused) for j < len; returns
+// Where a pooled pass takes each new value from: relu(o + s) (the scatter of a branch
+// output onto its residual), relu(o) (an in-place ReLU; s unused) or relu(s) (a copy of
+// rows that already hold branch + residual: BlockLoop's sum-epilogue sub-batches).
+enum class PoolSource { kResidualAdd, kSelf, kCopy };
+
+template <PoolSource kSource, typename T>
+DYNEXEC_FORCE_INLINE T pool_value(T o, const T* s, int64_t j) {
+  if constexpr (kSource == PoolSource::kCopy) {
+    return im::relu<T>(s[j]);
+  } else {
+    return im::pool_update<kSource == PoolSource::kResidualAdd>(o, s, j);
+  }
+}
+
+// o[j] = the new value (pool_value) for j < len; returns
 // the acc_t sum of the new o[j].
-template <bool kResidual, typename scalar_t, typename acc_t>
+template <PoolSource kSource, typename scalar_t, typename acc_t>
 DYNEXEC_CPU_CLONES acc_t scatter_plane_sum(scalar_t* __restrict__ o, const scalar_t* __restrict__ s,
                                            int64_t len) {
   // Independent partial sums: the compiler may not reorder one running float sum, but
@@ -180,14 +199,14 @@ DYNEXEC_CPU_CLONES acc_t scatter_plane_sum(scalar_t* __restrict__ o, const scala
   int64_t j = 0;
   for (; j + kLanes <= len; j += kLanes) {
     for (int64_t k = 0; k < kLanes; ++k) {
-      const scalar_t v = im::pool_update<kResidual>(o[j + k], s, j + k);
+      const scalar_t v = pool_value<kSource>(o[j + k], s, j + k);
       o[j + k] = v;
       lanes[k] += static_cast<acc_t>(v);
     }
   }
   acc_t sum = acc_t(0);
   for (; j < len; ++j) {
-    const scalar_t v = im::pool_update<kResidual>(o[j], s, j);
+    const scalar_t v = pool_value<kSource>(o[j], s, j);
     o[j] = v;
     sum += static_cast<acc_t>(v);
   }
@@ -195,11 +214,11 @@ DYNEXEC_CPU_CLONES acc_t scatter_plane_sum(scalar_t* __restrict__ o, const scala
   return sum;
 }
 
-// One channels_last row ([HW, C]): o = relu(s + o) (relu(o) unless kResidual) and
+// One channels_last row ([HW, C]): o = the new value (pool_value) and
 // pooled_row[c] = the mean of the new o[:, c]. Four sets of C sums (`acc`, 4 * C scratch
 // values) take the positions in turn, so that the adds of consecutive positions do not
 // wait for each other.
-template <bool kResidual, typename scalar_t, typename acc_t>
+template <PoolSource kSource, typename scalar_t, typename acc_t>
 DYNEXEC_CPU_CLONES void scatter_pool_row_cl(scalar_t* __restrict__ o,
                                             const scalar_t* __restrict__ s, int64_t C, int64_t HW,
                                             acc_t* __restrict__ acc,
@@ -210,7 +229,7 @@ DYNEXEC_CPU_CLONES void scatter_pool_row_cl(scalar_t* __restrict__ o,
     acc_t* __restrict__ a = acc + (p % kSets) * C;
     const int64_t off = im::row_plane_offset(0, p, C, HW, true);
     for (int64_t c = 0; c < C; ++c) {
-      const scalar_t v = im::pool_update<kResidual>(o[off + c], s, off + c);
+      const scalar_t v = pool_value<kSource>(o[off + c], s, off + c);
       o[off + c] = v;
       a[c] += static_cast<acc_t>(v);
     }
@@ -222,10 +241,10 @@ DYNEXEC_CPU_CLONES void scatter_pool_row_cl(scalar_t* __restrict__ o,
 }
 
 // For r < count: out row o_row = (out_rows ? out_rows[r] : r) becomes
-// relu(y[r] + out[o_row]) (relu(out[o_row]) unless kResidual) and
+// the new value (pool_value of out[o_row] and y[r]) and
 // pooled[pool_rows ? pool_rows[r] : r, c] the mean of its channel c.
 // out and y rows are dense with the same in-row layout (NCHW or channels_last).
-template <bool kResidual, typename scalar_t>
+template <PoolSource kSource, typename scalar_t>
 void update_and_pool_rows(scalar_t* op, int64_t o_bstride, const scalar_t* yp, int64_t y_bstride, const int64_t* out_rows,
                const int64_t* pool_rows, int64_t count, bool channels_last, int64_t C, int64_t HW,
                scalar_t* pp) {
@@ -238,9 +257,9 @@ void update_and_pool_rows(scalar_t* op, int64_t o_bstride, const scalar_t* yp, i
         const int64_t r = t / C, c = t % C;
         const int64_t o_row = out_rows ? out_rows[r] : r;
         const int64_t off = im::row_plane_offset(c, 0, C, HW, false);
-        const acc_t sum = scatter_plane_sum<kResidual, scalar_t, acc_t>(
+        const acc_t sum = scatter_plane_sum<kSource, scalar_t, acc_t>(
             op + im::row_element_offset(o_row, o_bstride, off),
-            kResidual ? yp + im::row_element_offset(r, y_bstride, off) : nullptr, HW);
+            kSource != PoolSource::kSelf ? yp + im::row_element_offset(r, y_bstride, off) : nullptr, HW);
         pp[im::pooled_offset(pool_rows ? pool_rows[r] : r, c, C)] = im::plane_mean<scalar_t, acc_t>(sum, HW);
       }
     });
@@ -252,23 +271,24 @@ void update_and_pool_rows(scalar_t* op, int64_t o_bstride, const scalar_t* yp, i
     thread_local std::vector<acc_t> acc;  // reused: no allocation per call
     acc.resize(static_cast<size_t>(4 * C));
     for (int64_t r = begin; r < end; ++r) {
-      scatter_pool_row_cl<kResidual, scalar_t, acc_t>(
+      scatter_pool_row_cl<kSource, scalar_t, acc_t>(
           op + im::row_element_offset(out_rows ? out_rows[r] : r, o_bstride, 0),
-          kResidual ? yp + im::row_element_offset(r, y_bstride, 0) : nullptr, C, HW, acc.data(),
+          kSource != PoolSource::kSelf ? yp + im::row_element_offset(r, y_bstride, 0) : nullptr, C, HW, acc.data(),
           pp + im::pooled_offset(pool_rows ? pool_rows[r] : r, 0, C));
     }
   });
 }
 
-template <bool kResidual>
+template <PoolSource kSource>
 void fused_pool_rows(at::Tensor& out, const at::Tensor& y, const int64_t* out_rows,
                      const int64_t* pool_rows, int64_t count, bool channels_last,
                      at::Tensor& pooled) {
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, out.scalar_type(), "dynexec_pool_rows_cpu", [&] {
-        update_and_pool_rows<kResidual, scalar_t>(out.data_ptr<scalar_t>(), out.stride(0),
-                                       kResidual ? y.const_data_ptr<scalar_t>() : nullptr,
-                                       kResidual ? y.stride(0) : 0, out_rows, pool_rows, count, channels_last,
+        constexpr bool kReadsY = kSource != PoolSource::kSelf;
+        update_and_pool_rows<kSource, scalar_t>(out.data_ptr<scalar_t>(), out.stride(0),
+                                       kReadsY ? y.const_data_ptr<scalar_t>() : nullptr,
+                                       kReadsY ? y.stride(0) : 0, out_rows, pool_rows, count, channels_last,
                                        out.size(1), out.size(2) * out.size(3), pooled.data_ptr<scalar_t>());
       });
 }
@@ -293,14 +313,14 @@ void scatter_residual_relu_pool_cpu(const at::Tensor& out_, const at::Tensor& y_
   at::Tensor y = y_.narrow(0, 0, count);
   if (dense) {
     if (!rows_dense(y, fmt)) y = y.contiguous(fmt);
-    fused_pool_rows<true>(out, y, ip, ip, count, fmt == at::MemoryFormat::ChannelsLast, pooled);
+    fused_pool_rows<PoolSource::kResidualAdd>(out, y, ip, ip, count, fmt == at::MemoryFormat::ChannelsLast, pooled);
     return;
   }
   // out's rows are not dense: as in scatter_residual_relu_cpu, fuse on a dense copy of
   // the selected rows and write them back into out itself.
   at::Tensor rows = out.index_select(0, idx).contiguous();
   y = y.contiguous();
-  fused_pool_rows<true>(rows, y, nullptr, ip, count, false, pooled);
+  fused_pool_rows<PoolSource::kResidualAdd>(rows, y, nullptr, ip, count, false, pooled);
   out.index_copy_(0, idx, rows);
 }
 
@@ -313,13 +333,13 @@ void relu_pool_cpu(const at::Tensor& x_, const at::Tensor& pooled_) {
   if (x.size(0) == 0 || x.size(1) == 0) return;
   at::MemoryFormat fmt;
   if (find_dense_row_format(x, fmt)) {
-    fused_pool_rows<false>(x, at::Tensor(), nullptr, nullptr, x.size(0),
+    fused_pool_rows<PoolSource::kSelf>(x, at::Tensor(), nullptr, nullptr, x.size(0),
                            fmt == at::MemoryFormat::ChannelsLast, pooled);
     return;
   }
   // x's rows are not dense: fuse on a dense copy, then write it back into x itself.
   at::Tensor dense = x.contiguous();
-  fused_pool_rows<false>(dense, at::Tensor(), nullptr, nullptr, x.size(0), false, pooled);
+  fused_pool_rows<PoolSource::kSelf>(dense, at::Tensor(), nullptr, nullptr, x.size(0), false, pooled);
   x.copy_(dense);
 }
 
@@ -343,13 +363,24 @@ void scatter_residual_relu_f32(float* out, int64_t out_row_stride, const float* 
   scatter_rows<float>(out, out_row_stride, y, row_len, idx, count, row_len);
 }
 
+void scatter_relu_f32(float* out, int64_t out_row_stride, const float* y, const int64_t* idx, int64_t count,
+                      int64_t row_len) {
+  scatter_rows<float, /*kCopy=*/true>(out, out_row_stride, y, row_len, idx, count, row_len);
+}
+
+void scatter_relu_pool_nhwc_f32(float* out, int64_t out_row_stride, const float* y, const int64_t* idx,
+                                int64_t count, int64_t C, int64_t HW, float* pooled) {
+  update_and_pool_rows<PoolSource::kCopy, float>(out, out_row_stride, y, C * HW, idx, idx, count,
+                                                 /*channels_last=*/true, C, HW, pooled);
+}
+
 void scatter_residual_relu_pool_nhwc_f32(float* out, int64_t out_row_stride, const float* y, const int64_t* idx,
                                          int64_t count, int64_t C, int64_t HW, float* pooled) {
-  update_and_pool_rows<true, float>(out, out_row_stride, y, C * HW, idx, idx, count, /*channels_last=*/true, C, HW, pooled);
+  update_and_pool_rows<PoolSource::kResidualAdd, float>(out, out_row_stride, y, C * HW, idx, idx, count, /*channels_last=*/true, C, HW, pooled);
 }
 
 void relu_pool_nhwc_f32(float* x, int64_t n, int64_t C, int64_t HW, float* pooled) {
-  update_and_pool_rows<false, float>(x, C * HW, nullptr, 0, nullptr, nullptr, n, /*channels_last=*/true, C, HW, pooled);
+  update_and_pool_rows<PoolSource::kSelf, float>(x, C * HW, nullptr, 0, nullptr, nullptr, n, /*channels_last=*/true, C, HW, pooled);
 }
 
 void relu_f32(float* x, int64_t numel) {

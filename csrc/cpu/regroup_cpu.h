@@ -27,6 +27,15 @@ void scatter_residual_relu_f32(float* out, int64_t out_row_stride, const float* 
 void scatter_residual_relu_pool_nhwc_f32(float* out, int64_t out_row_stride, const float* y, const int64_t* idx,
                                          int64_t count, int64_t C, int64_t HW, float* pooled);
 
+// out[idx[r]] = relu(y[r]) for r < count: y's rows already hold branch + residual (a
+// convolution's sum epilogue), so the scatter reads two streams instead of three.
+void scatter_relu_f32(float* out, int64_t out_row_stride, const float* y, const int64_t* idx, int64_t count,
+                      int64_t row_len);
+
+// scatter_relu_f32 on NHWC rows, and pooled[idx[r], c] = the mean of the new out[idx[r]].
+void scatter_relu_pool_nhwc_f32(float* out, int64_t out_row_stride, const float* y, const int64_t* idx,
+                                int64_t count, int64_t C, int64_t HW, float* pooled);
+
 // x[r] = relu(x[r]) and pooled[r, c] = its mean over HW, for the n NHWC-dense rows of x.
 void relu_pool_nhwc_f32(float* x, int64_t n, int64_t C, int64_t HW, float* pooled);
 

@@ -205,45 +205,59 @@ class BlockLoop : public torch::CustomClassHolder {
     return {h, routing};
   }
 
+  // A projection or DownsampleB shortcut's output (identity blocks update h in place:
+  // the engine owns it).
   at::Tensor shortcut(const Block& b, const at::Tensor& h) const {
     if (b.projection) return b.projection->forward(h);
-    if (b.downsample_channels > 0) return native::downsample_b(h, b.downsample_channels);
-    return h;  // the engine owns h: an identity block updates it in place
+    return native::downsample_b(h, b.downsample_channels);
   }
 
   // Block b on the `active` rows idx[:active] of h (NHWC-dense); with `pool`, pooled
   // becomes the output's spatial means (the next gate's input). Sub-batches live in ws.
   at::Tensor run_block(const Block& b, const at::Tensor& h, const int64_t* idx, int64_t active,
                        at::Tensor& pooled, bool pool, Workspace& ws) {
-    const int64_t n = h.size(0), row = h.numel() / std::max<int64_t>(n, 1);
+    const int64_t n = h.size(0);
     const onednn::Nhwc expected = b.branch->checked_output(onednn::nhwc_of(h));
-    if (!b.identity() || !pool || !pooled.defined()) {  // (block 0 has no cached means)
-      at::Tensor out = shortcut(b, h).contiguous(at::MemoryFormat::ChannelsLast);
-      check_output(out, expected);
-      float* o = out.data_ptr<float>();
+    if (b.identity()) {
+      check_output(h, expected);
+      // Rows the block skips keep their values, and their cached means (block 0 has none).
+      const bool pool_rows = pool && pooled.defined();
+      const int64_t C = h.size(1), HW = h.size(2) * h.size(3);
+      float* hp = h.data_ptr<float>();
       if (active == n) {
-        b.branch->add_into(onednn::nhwc_of(h), o, ws);
-        cpu::relu_f32(o, out.numel());
+        b.branch->add_into(onednn::nhwc_of(h), hp, ws);
+        if (pool_rows) {
+          cpu::relu_pool_nhwc_f32(hp, n, C, HW, pooled.data_ptr<float>());
+        } else {
+          cpu::relu_f32(hp, h.numel());
+        }
       } else if (active > 0) {
-        const int64_t out_row = expected.h * expected.w * expected.c;
-        const onednn::Nhwc y = b.branch->run_into(gather(h, idx, active, ws), ws);
-        cpu::scatter_residual_relu_f32(o, out_row, y.data, idx, active, out_row);
+        // The gathered rows are the residual: the last convolution adds the branch to them
+        // in its epilogue, and the scatter only copies relu(rows) back.
+        const onednn::Nhwc rows = gather(h, idx, active, ws);
+        b.branch->add_into(rows, rows.data, ws);
+        if (pool_rows) {
+          cpu::scatter_relu_pool_nhwc_f32(hp, C * HW, rows.data, idx, active, C, HW, pooled.data_ptr<float>());
+        } else {
+          cpu::scatter_relu_f32(hp, C * HW, rows.data, idx, active, C * HW);
+        }
       }
-      if (pool) pooled = out.mean({2, 3}).contiguous();
-      return out;
+      if (pool && !pool_rows) pooled = h.mean({2, 3}).contiguous();
+      return h;
     }
-    // Identity shortcut: rows the block skips keep their values and their cached means.
-    check_output(h, expected);
-    const int64_t C = h.size(1), HW = h.size(2) * h.size(3);
+    at::Tensor out = shortcut(b, h).contiguous(at::MemoryFormat::ChannelsLast);
+    check_output(out, expected);
+    float* o = out.data_ptr<float>();
     if (active == n) {
-      b.branch->add_into(onednn::nhwc_of(h), h.data_ptr<float>(), ws);
-      cpu::relu_pool_nhwc_f32(h.data_ptr<float>(), n, C, HW, pooled.data_ptr<float>());
+      b.branch->add_into(onednn::nhwc_of(h), o, ws);
+      cpu::relu_f32(o, out.numel());
     } else if (active > 0) {
+      const int64_t out_row = expected.h * expected.w * expected.c;
       const onednn::Nhwc y = b.branch->run_into(gather(h, idx, active, ws), ws);
-      cpu::scatter_residual_relu_pool_nhwc_f32(h.data_ptr<float>(), row, y.data, idx, active, C, HW,
-                                               pooled.data_ptr<float>());
+      cpu::scatter_residual_relu_f32(o, out_row, y.data, idx, active, out_row);
     }
-    return h;
+    if (pool) pooled = out.mean({2, 3}).contiguous();
+    return out;
   }
 
   static void check_output(const at::Tensor& out, const onednn::Nhwc& branch) {
