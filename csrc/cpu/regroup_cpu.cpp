@@ -245,9 +245,9 @@ DYNEXEC_CPU_CLONES void scatter_pool_row_cl(scalar_t* __restrict__ o,
 // pooled[pool_rows ? pool_rows[r] : r, c] the mean of its channel c.
 // out and y rows are dense with the same in-row layout (NCHW or channels_last).
 template <PoolSource kSource, typename scalar_t>
-void update_and_pool_rows(scalar_t* op, int64_t o_bstride, const scalar_t* yp, int64_t y_bstride, const int64_t* out_rows,
-               const int64_t* pool_rows, int64_t count, bool channels_last, int64_t C, int64_t HW,
-               scalar_t* pp) {
+void update_and_pool_rows(scalar_t* op, int64_t o_bstride, const scalar_t* yp, int64_t y_bstride,
+                          const int64_t* out_rows, const int64_t* pool_rows, int64_t count, bool channels_last,
+                          int64_t C, int64_t HW, scalar_t* pp) {
   using acc_t = at::opmath_type<scalar_t>;
   if (!channels_last) {
     // One task = one channel plane (r, c): HW contiguous elements, one sum.
@@ -287,9 +287,10 @@ void fused_pool_rows(at::Tensor& out, const at::Tensor& y, const int64_t* out_ro
       at::kHalf, at::kBFloat16, out.scalar_type(), "dynexec_pool_rows_cpu", [&] {
         constexpr bool kReadsY = kSource != PoolSource::kSelf;
         update_and_pool_rows<kSource, scalar_t>(out.data_ptr<scalar_t>(), out.stride(0),
-                                       kReadsY ? y.const_data_ptr<scalar_t>() : nullptr,
-                                       kReadsY ? y.stride(0) : 0, out_rows, pool_rows, count, channels_last,
-                                       out.size(1), out.size(2) * out.size(3), pooled.data_ptr<scalar_t>());
+                                                kReadsY ? y.const_data_ptr<scalar_t>() : nullptr,
+                                                kReadsY ? y.stride(0) : 0, out_rows, pool_rows, count,
+                                                channels_last, out.size(1), out.size(2) * out.size(3),
+                                                pooled.data_ptr<scalar_t>());
       });
 }
 
@@ -376,11 +377,13 @@ void scatter_relu_pool_nhwc_f32(float* out, int64_t out_row_stride, const float*
 
 void scatter_residual_relu_pool_nhwc_f32(float* out, int64_t out_row_stride, const float* y, const int64_t* idx,
                                          int64_t count, int64_t C, int64_t HW, float* pooled) {
-  update_and_pool_rows<PoolSource::kResidualAdd, float>(out, out_row_stride, y, C * HW, idx, idx, count, /*channels_last=*/true, C, HW, pooled);
+  update_and_pool_rows<PoolSource::kResidualAdd, float>(out, out_row_stride, y, C * HW, idx, idx, count,
+                                                        /*channels_last=*/true, C, HW, pooled);
 }
 
 void relu_pool_nhwc_f32(float* x, int64_t n, int64_t C, int64_t HW, float* pooled) {
-  update_and_pool_rows<PoolSource::kSelf, float>(x, C * HW, nullptr, 0, nullptr, nullptr, n, /*channels_last=*/true, C, HW, pooled);
+  update_and_pool_rows<PoolSource::kSelf, float>(x, C * HW, nullptr, 0, nullptr, nullptr, n,
+                                                 /*channels_last=*/true, C, HW, pooled);
 }
 
 void relu_f32(float* x, int64_t numel) {

@@ -7,11 +7,15 @@
 // block: partition the routed rows, the branch on them or on the whole batch, the fused
 // scatter (which also pools for the gate), one step of the recurrent gate — but without
 // the ~6 Python-level calls per block, which on 2 CPU cores cost as much as the
-// arithmetic of a block on a small sub-batch. The kernels are the same (the native ops,
-// OneDnnChain's convolutions, recurrent_gate_step's CPU kernel with its LSTM weights
-// prepared once), so the results are identical to the Python loop's; tests/test_engine.py
-// compares both, and both with the reference model.
+// arithmetic of a block on a small sub-batch. The kernels are the same (the regrouping
+// ops' CPU kernels, called directly after one shape check per block; OneDnnChain's
+// convolutions; recurrent_gate_step's CPU kernel with its LSTM weights prepared once), so
+// the results are identical to the Python loop's; tests/test_engine.py compares both,
+// and both with the reference model. A routed identity block adds its branch to the
+// gathered rows in the last convolution's epilogue and scatters relu(rows) back (the
+// Python loop scatters relu(h + y): the same sums, bit for bit).
 //
+// Sub-batches live in a per-shard Workspace reused by every block of the forward.
 // Batch shards: by default the batch is split into one shard per intra-op thread and
 // the shards run side by side, each through the whole loop with single-threaded kernels
 // (set_shards; see sharded()).
