@@ -3,7 +3,8 @@
 // checks: for callers that built the row indices themselves (OneDnnChain and BlockLoop,
 // whose partitions are in range and distinct by construction) and whose activations are
 // NHWC-dense. The ops check their arguments and then run these same kernels, so both
-// paths compute bit-identical results.
+// paths compute bit-identical results (the scatter_relu_* copy variants and relu_f32
+// have no op: they serve BlockLoop's sum-epilogue scatter and OneDnnChain's ReLU).
 //
 // A "row" is one sample: row_len contiguous elements, rows row_stride elements apart.
 // idx == nullptr means rows 0, 1, ..., count - 1.

@@ -150,24 +150,29 @@ PackedConv::PackedConv(const at::Tensor& weight, const at::Tensor& bias, int64_t
   kw_ = weight.size(3);
 }
 
+namespace {
+// x's dimensions as an Nhwc (no data): the geometry the checks and shapes work on.
+Nhwc dims_of(const at::Tensor& x) { return Nhwc{nullptr, x.size(0), x.size(2), x.size(3), x.size(1)}; }
+}  // namespace
+
 at::Tensor PackedConv::checked_input(const at::Tensor& x) const {
   TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.dim() == 4 && x.size(1) == ic_,
               name_, ": expected a float32 CPU input [N, ", ic_, ", H, W], got ", x.scalar_type(),
               " on ", x.device(), " with shape ", x.sizes());
-  TORCH_CHECK(x.size(2) + 2 * padding_ >= kh_ && x.size(3) + 2 * padding_ >= kw_, name_,
-              ": the input's spatial size ", x.size(2), "x", x.size(3), " is smaller than the kernel ",
-              kh_, "x", kw_, " with padding ", padding_);
+  check_input(dims_of(x));
   return x.is_contiguous(at::MemoryFormat::ChannelsLast) ? x : x.contiguous(at::MemoryFormat::ChannelsLast);
 }
 
 std::array<int64_t, 4> PackedConv::output_shape(const at::Tensor& x) const {
-  return {x.size(0), oc_, (x.size(2) + 2 * padding_ - kh_) / stride_ + 1,
-          (x.size(3) + 2 * padding_ - kw_) / stride_ + 1};
+  const Nhwc y = output_of(dims_of(x), nullptr);
+  return {y.n, y.c, y.h, y.w};
 }
 
 void PackedConv::check_input(const Nhwc& x) const {
-  TORCH_CHECK(x.c == ic_ && x.h + 2 * padding_ >= kh_ && x.w + 2 * padding_ >= kw_, name_, ": expected an input [N, ",
-              ic_, ", H, W] with H, W >= ", kh_ - 2 * padding_, ", got [", x.n, ", ", x.c, ", ", x.h, ", ", x.w, "]");
+  TORCH_CHECK(x.c == ic_, name_, ": expected an input [N, ", ic_, ", H, W], got [", x.n, ", ", x.c, ", ", x.h, ", ",
+              x.w, "]");
+  TORCH_CHECK(x.h + 2 * padding_ >= kh_ && x.w + 2 * padding_ >= kw_, name_, ": the input's spatial size ", x.h, "x",
+              x.w, " is smaller than the kernel ", kh_, "x", kw_, " with padding ", padding_);
 }
 
 Nhwc PackedConv::output_of(const Nhwc& x, float* data) const {
@@ -177,7 +182,7 @@ Nhwc PackedConv::output_of(const Nhwc& x, float* data) const {
 at::Tensor PackedConv::forward(const at::Tensor& input) {
   const at::Tensor x = checked_input(input);
   at::Tensor out = at::empty(output_shape(x), x.options().memory_format(at::MemoryFormat::ChannelsLast));
-  if (x.size(0) > 0) run(nhwc_of(x), out.data_ptr<float>(), /*sum=*/false);
+  run(nhwc_of(x), out.data_ptr<float>(), /*sum=*/false);  // (nothing to do for n == 0)
   return out;
 }
 

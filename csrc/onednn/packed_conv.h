@@ -51,8 +51,8 @@ class PackedConv {
   void run(const Nhwc& x, float* out, bool sum);
   // The output of x: [x.n, oh, ow, out_channels()].
   Nhwc output_of(const Nhwc& x, float* data) const;
-  // Checks that x has in_channels() channels and room for the kernel (what forward
-  // checks), for callers of run.
+  // Checks that x has in_channels() channels and room for the kernel (forward checks
+  // its input with it too), for callers of run.
   void check_input(const Nhwc& x) const;
 
   int64_t in_channels() const { return ic_; }
