@@ -52,6 +52,9 @@ TORCH_LIBRARY(dynexec, m) {
       "recurrent_gate_step(Tensor pooled, Tensor embed_w, Tensor embed_b, Tensor w_ih, "
       "Tensor w_hh, Tensor b_ih, Tensor b_hh, Tensor proj_w, Tensor proj_b, Tensor hx, "
       "Tensor cx) -> (Tensor prob, Tensor hx_new, Tensor cx_new)");
+  // A classifier head: global average pooling, linear layer, optional sigmoid (a policy's
+  // block probabilities) -> [N, K].
+  m.def("pooled_linear(Tensor h, Tensor weight, Tensor bias, bool sigmoid) -> Tensor");
   m.def("cuda_version() -> int", &dynexec::cuda_version);
   // oneDNN version (major*10000 + minor*100 + patch) behind torch.classes.dynexec.OneDnnChain
   // (csrc/onednn/), or 0 when the extension was built without it.

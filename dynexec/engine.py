@@ -94,6 +94,11 @@ class Engine:
             return model._empty_result(x)
         if prog.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
+        native = prog.native_loop if self.backend.name == "native" else None
+        if native is not None and native.whole:
+            result = self._run_whole(native, x, forced)
+            if result is not None:
+                return result
         if forced is not None:
             routing = forced.clone()
         elif prog.router == "planned":
@@ -103,7 +108,6 @@ class Engine:
 
         h = prog.stem(x)
         online = prog.router == "online" and forced is None
-        native = prog.native_loop if self.backend.name == "native" else None
         if native is not None and (native.recurrent or not online):  # the loop below, in C++
             if online:
                 h, routing = native.loop.run_recurrent(h)
@@ -141,6 +145,22 @@ class Engine:
         if decisions:
             routing[:, 1:] = torch.stack(decisions, dim=1)
         return prog.head(h), routing
+
+    def _run_whole(self, native, x: torch.Tensor, forced: Optional[torch.Tensor]):
+        """(logits, routing) from one C++ call that runs stem, router, blocks and head
+        shard by shard (BlockLoop.forward_*), or None when this call needs the loop below
+        (a feed-forward gate, a policy the C++ forward cannot run)."""
+        prog = self.program
+        if forced is not None or prog.router == "none":
+            routing = forced.clone() if forced is not None else \
+                torch.ones((x.shape[0], prog.num_blocks), dtype=torch.bool)
+            return native.loop.forward_planned(x, routing), routing
+        if prog.router == "online":
+            return tuple(native.loop.forward_recurrent(x)) if native.recurrent else None
+        policy = prog.policy.native_loop
+        if policy is None or not policy.whole or native.keep_at_half is None:
+            return None
+        return tuple(native.loop.forward_with_policy(policy.loop, x, native.keep_at_half))
 
     def _run_dense(self, dense: DenseProgram, x: torch.Tensor) -> torch.Tensor:
         h = dense.stem(x)

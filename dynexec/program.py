@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .models.blockdrop import BasicBlock as BDBasic, Bottleneck as BDBottleneck, DownsampleB
-from .models.common import BlockView, RoutedModel, StemView
+from .models.common import BlockView, HeadView, RoutedModel, StemView
 from .models.skipnet import BasicBlock as SNBasic, Bottleneck as SNBottleneck
 from .ops import reference
 
@@ -197,6 +197,43 @@ class FoldedStem:
             x = self.pre(x)
         x = self.conv(x)
         return self.post(x) if self.post is not None else x
+
+
+class FoldedHead:
+    """Global average pooling -> linear (-> sigmoid) as one kernel, dynexec::pooled_linear,
+    on CPU float32 maps of the pooled size; anything else takes the model's own head. The
+    C++ forward (BlockLoop.set_head) runs the same kernel, so both give the same bits."""
+
+    def __init__(self, view: HeadView, fallback: Callable[[torch.Tensor], torch.Tensor]):
+        linear = view.linear
+        self.pool = view.pool.kernel_size
+        self.weight = linear.weight.detach().clone().contiguous()
+        self.bias = (linear.bias.detach().clone() if linear.bias is not None
+                     else torch.zeros(linear.out_features, dtype=linear.weight.dtype,
+                                      device=linear.weight.device))
+        self.sigmoid = view.sigmoid
+        self.fallback = fallback
+
+    @staticmethod
+    def foldable(view: Optional[HeadView]) -> bool:
+        """A square, unpadded, non-overlapping window (the whole map at the model's size)."""
+        if view is None:
+            return False
+        pool = view.pool
+        k = pool.kernel_size
+        return (isinstance(k, int) and pool.stride in (k, (k, k)) and pool.padding in (0, (0, 0))
+                and not pool.ceil_mode and pool.divisor_override is None)
+
+    def __call__(self, h: torch.Tensor) -> torch.Tensor:
+        if (h.device.type == "cpu" and h.dtype == torch.float32 == self.weight.dtype and h.dim() == 4
+                and h.shape[2] == h.shape[3] == self.pool):
+            return torch.ops.dynexec.pooled_linear(h, self.weight, self.bias, self.sigmoid)
+        return self.fallback(h)
+
+
+def _lower_head(owner, native: bool) -> Callable[[torch.Tensor], torch.Tensor]:
+    view = owner.head_view() if native else None
+    return FoldedHead(view, owner.head) if FoldedHead.foldable(view) else owner.head
 
 
 def _lower_stem(owner, fold_bn: bool, pack: Optional[str]) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -390,9 +427,25 @@ class NativeLoop:
     branches and projection shortcuts are OneDnnChains; used with the native backend."""
     loop: object
     recurrent: bool      # it also runs the program's online router (SkipNet's recurrent gate)
+    whole: bool = False  # it also runs the stem and the head (loop.forward_*: input -> logits)
+    # planned routers: the policy's decision rule as loop.forward_with_policy takes it
+    # (True: p >= 0.5, False: p > 0.5); None: a rule the C++ forward does not know
+    keep_at_half: Optional[bool] = None
 
 
-def _native_loop(blocks: tuple[ProgramBlock, ...], router: str, gates, shards: int) -> Optional[NativeLoop]:
+def threshold_rule(decide: Callable[[torch.Tensor], torch.Tensor]) -> Optional[bool]:
+    """True if ``decide`` keeps p >= 0.5, False if p > 0.5 (NaN dropped by both), None for
+    any other rule."""
+    p = torch.tensor([0.5, float("nan"), 0.49999997, 0.50000006, 0.0, 1.0])
+    got = decide(p).tolist()
+    for keep in (True, False):
+        if got == [keep, False, False, True, False, True]:
+            return keep
+    return None
+
+
+def _native_loop(blocks: tuple[ProgramBlock, ...], router: str, gates, shards: int,
+                 stem=None, head=None, decide=None) -> Optional[NativeLoop]:
     def fused(chain):
         return getattr(chain, "fused", None)
 
@@ -408,7 +461,15 @@ def _native_loop(blocks: tuple[ProgramBlock, ...], router: str, gates, shards: i
     if recurrent:
         loop.set_recurrent_gate(gates.w_ih, gates.w_hh, gates.b_ih, gates.b_hh, gates.proj_w,
                                 gates.proj_b, gates.embed_w, gates.embed_b)
-    return NativeLoop(loop, recurrent)
+    # The whole forward in C++ when the stem is one fused conv + ReLU (no input or output
+    # pooling) and the head is a FoldedHead of float32 weights.
+    whole = (isinstance(stem, FoldedStem) and stem.pre is None and stem.post is None
+             and fused(stem.conv) is not None and isinstance(head, FoldedHead)
+             and head.weight.dtype == torch.float32 and head.weight.device.type == "cpu")
+    if whole:
+        loop.set_stem(fused(stem.conv))
+        loop.set_head(head.weight, head.bias, head.pool, head.sigmoid)
+    return NativeLoop(loop, recurrent, whole, threshold_rule(decide) if decide is not None else None)
 
 
 def lower(model: RoutedModel, fold_bn: bool = True, channels_last: bool = False,
@@ -429,14 +490,20 @@ def lower(model: RoutedModel, fold_bn: bool = True, channels_last: bool = False,
     pack = impl if fold_bn and channels_last else None
     blocks = tuple(_lower_block(v, fold_bn, pack) for v in model.block_views())
     gate_runner = lower_gates(model, fuse=fold_bn) if model.router == "online" else None
+    # The heads run as one kernel when the extension that has it is built.
+    native_heads = pack == "onednn"
     policy = None
     if model.router == "planned":
         agent = model.policy_network()
         agent_blocks = tuple(_lower_block(v, fold_bn, pack) for v in agent.block_views())
-        policy = DenseProgram(stem=_lower_stem(agent, fold_bn, pack), head=agent.head, blocks=agent_blocks,
-                              native_loop=_native_loop(agent_blocks, "none", None, shards))
-    return Program(model=model, stem=_lower_stem(model, fold_bn, pack), blocks=blocks, head=model.head,
+        agent_stem, agent_head = _lower_stem(agent, fold_bn, pack), _lower_head(agent, native_heads)
+        policy = DenseProgram(stem=agent_stem, head=agent_head, blocks=agent_blocks,
+                              native_loop=_native_loop(agent_blocks, "none", None, shards,
+                                                       agent_stem, agent_head))
+    stem, head = _lower_stem(model, fold_bn, pack), _lower_head(model, native_heads)
+    return Program(model=model, stem=stem, blocks=blocks, head=head,
                    router=model.router, gate_runner=gate_runner, policy=policy,
-                   native_loop=_native_loop(blocks, model.router, gate_runner, shards),
+                   native_loop=_native_loop(blocks, model.router, gate_runner, shards, stem, head,
+                                            model.decide if model.router == "planned" else None),
                    folded=fold_bn, channels_last=channels_last, convolutions=pack or "aten",
                    batch_shards=batch_shards)

@@ -2,6 +2,10 @@
 // branches and projection shortcuts are OneDnnChains:
 //   run_planned(h, routing)  a routing known up front (BlockDrop's policy, a forced one)
 //   run_recurrent(h)         SkipNet's recurrent gate decides block k + 1 after block k
+// and, with the network's stem and head set (set_stem, set_head), the whole forward from
+// the input to the logits in one call (forward_planned, forward_recurrent,
+// forward_with_policy: BlockDrop's policy network, its decisions and the routed network,
+// shard by shard) — no Python and no thread fork/join between the parts.
 //
 // It runs exactly the steps of the Python engine's loops (dynexec/engine.py) — per
 // block: partition the routed rows, the branch on them or on the whole batch, the fused
@@ -35,6 +39,7 @@
 #include <vector>
 
 #include "../cpu/gate_cpu.h"
+#include "../cpu/head_cpu.h"
 #include "../cpu/regroup_cpu.h"
 #include "../index_math.h"
 #include "chain.h"
@@ -104,6 +109,67 @@ class BlockLoop : public torch::CustomClassHolder {
 
   int64_t num_blocks() const { return static_cast<int64_t>(blocks_.size()); }
 
+  // The network's stem: a OneDnnChain ending in a ReLU (the engine's folded stem).
+  void set_stem(c10::intrusive_ptr<OneDnnChain> stem) { stem_ = std::move(stem); }
+
+  // The network's head: global average pooling over a pool x pool map, then
+  // weight [K, C] and bias [K] (then a sigmoid when `sigmoid`: a policy's probabilities).
+  void set_head(const at::Tensor& weight, const at::Tensor& bias, int64_t pool, bool sigmoid) {
+    TORCH_CHECK(weight.scalar_type() == at::kFloat && weight.device().is_cpu() && weight.dim() == 2 &&
+                    bias.scalar_type() == at::kFloat && bias.device().is_cpu() &&
+                    bias.sizes().equals({weight.size(0)}) && pool > 0,
+                "BlockLoop.set_head: expected a float32 CPU weight [K, C], bias [K] and pool > 0, got ",
+                weight.scalar_type(), " ", weight.sizes(), ", ", bias.scalar_type(), " ", bias.sizes(), " and pool ",
+                pool);
+    head_ = Head{weight.contiguous(), bias.contiguous(), pool, sigmoid};
+  }
+
+  // True once both the stem and the head are set (the forward_* methods need them).
+  bool has_stem_and_head() const { return stem_ && head_.has_value(); }
+
+  // Logits of the input x [N, C, H, W] (stem, blocks on routing [N, K], head).
+  at::Tensor forward_planned(const at::Tensor& x, const at::Tensor& routing_) {
+    check_stem_and_head("forward_planned");
+    check_input(x);
+    const at::Tensor routing = checked_routing(routing_, x.size(0), "forward_planned");
+    return sharded(x, [&](const at::Tensor& xs, int64_t lo) {
+      return std::make_tuple(head(planned_rows(stem(xs), routing.narrow(0, lo, xs.size(0)))), at::Tensor());
+    }).first;
+  }
+
+  // (logits, routing [N, K] bool) of x with SkipNet's recurrent gate (see run_recurrent).
+  std::tuple<at::Tensor, at::Tensor> forward_recurrent(const at::Tensor& x) {
+    check_stem_and_head("forward_recurrent");
+    TORCH_CHECK(gate_.has_value(), "BlockLoop.forward_recurrent: no recurrent gate was set");
+    auto [logits, routing] = sharded(x, [&](const at::Tensor& xs, int64_t) {
+      auto [h, r] = recurrent_rows(stem(xs));
+      return std::make_tuple(head(h), r);
+    });
+    return {logits, routing};
+  }
+
+  // (logits, routing [N, K] bool) of x with BlockDrop's policy: `policy` (a BlockLoop
+  // with stem, blocks and a sigmoid head giving K probabilities) runs on every block,
+  // block k runs on the rows whose probability p is >= 0.5 (keep_at_half) or > 0.5 (NaN:
+  // skipped), then this network runs on that routing — each shard does all three on its
+  // rows, so the policy's decisions never wait for the other shards.
+  std::tuple<at::Tensor, at::Tensor> forward_with_policy(const c10::intrusive_ptr<BlockLoop>& policy,
+                                                        const at::Tensor& x, bool keep_at_half) {
+    check_stem_and_head("forward_with_policy");
+    TORCH_CHECK(policy && policy->has_stem_and_head() && policy->head_->weight.size(0) == num_blocks(),
+                "BlockLoop.forward_with_policy: expected a policy with a stem and a head giving ", num_blocks(),
+                " probabilities, got ",
+                policy && policy->head_ ? std::to_string(policy->head_->weight.size(0)) + " probabilities"
+                                        : std::string("a policy without a stem or head"));
+    auto [logits, routing] = sharded(x, [&](const at::Tensor& xs, int64_t) {
+      const at::Tensor every = at::ones({xs.size(0), policy->num_blocks()}, xs.options().dtype(at::kBool));
+      const at::Tensor probs = policy->head(policy->planned_rows(policy->stem(xs), every));
+      at::Tensor r = keep_at_half ? probs.ge(0.5) : probs.gt(0.5);
+      return std::make_tuple(head(planned_rows(stem(xs), r)), r);
+    });
+    return {logits, routing};
+  }
+
   // The number of batch shards: 0 (the default) = one per intra-op thread (with ATen's
   // OpenMP backend, else 1), 1 = no sharding, k = k shards (at most one per sample).
   void set_shards(int64_t shards) {
@@ -116,12 +182,8 @@ class BlockLoop : public torch::CustomClassHolder {
 
   // h: the stem output [N, C, H, W]; routing [N, K] bool, block k runs on routing[:, k].
   at::Tensor run_planned(at::Tensor h, const at::Tensor& routing_) {
-    const int64_t n = h.size(0), num = num_blocks();
-    TORCH_CHECK(routing_.scalar_type() == at::kBool && routing_.dim() == 2 && routing_.size(0) == n &&
-                    routing_.size(1) == num,
-                "BlockLoop.run_planned: expected a bool routing [", n, ", ", num, "], got ", routing_.scalar_type(),
-                " with shape ", routing_.sizes());
-    const at::Tensor routing = routing_.cpu().contiguous();
+    check_input(h);
+    const at::Tensor routing = checked_routing(routing_, h.size(0), "run_planned");
     return sharded(h, [&](const at::Tensor& hs, int64_t lo) {
       return std::make_tuple(planned_rows(hs, routing.narrow(0, lo, hs.size(0))), at::Tensor());
     }).first;
@@ -136,6 +198,51 @@ class BlockLoop : public torch::CustomClassHolder {
   }
 
  private:
+  struct Head {
+    at::Tensor weight, bias;  // [K, C], [K]
+    int64_t pool;
+    bool sigmoid;
+  };
+
+  static void check_input(const at::Tensor& input) {
+    TORCH_CHECK(input.scalar_type() == at::kFloat && input.device().is_cpu() && input.dim() == 4,
+                "BlockLoop: expected a float32 CPU input [N, C, H, W], got ", input.scalar_type(), " on ",
+                input.device(), " with shape ", input.sizes());
+  }
+
+  void check_stem_and_head(const char* method) const {
+    TORCH_CHECK(has_stem_and_head(), "BlockLoop.", method, ": set_stem and set_head first");
+  }
+
+  at::Tensor checked_routing(const at::Tensor& routing, int64_t n, const char* method) const {
+    const int64_t num = num_blocks();
+    TORCH_CHECK(routing.scalar_type() == at::kBool && routing.dim() == 2 && routing.size(0) == n &&
+                    routing.size(1) == num,
+                "BlockLoop.", method, ": expected a bool routing [", n, ", ", num, "], got ", routing.scalar_type(),
+                " with shape ", routing.sizes());
+    return routing.cpu().contiguous();
+  }
+
+  // The stem's output on input rows x (NHWC-dense, as the blocks read it).
+  at::Tensor stem(const at::Tensor& x) const {
+    return stem_->forward(x).contiguous(at::MemoryFormat::ChannelsLast);
+  }
+
+  // The head on the last block's output h (NHWC-dense) -> [n, K].
+  at::Tensor head(const at::Tensor& h_) const {
+    const Head& hd = *head_;
+    const at::Tensor h = h_.contiguous(at::MemoryFormat::ChannelsLast);
+    const int64_t n = h.size(0), C = h.size(1), K = hd.weight.size(0);
+    TORCH_CHECK(C == hd.weight.size(1) && h.size(2) == hd.pool && h.size(3) == hd.pool,
+                "BlockLoop: the head pools a ", hd.pool, "x", hd.pool, " map of ", hd.weight.size(1),
+                " channels, but the last block gives ", h.sizes());
+    at::Tensor out = at::empty({n, K}, h.options().memory_format(at::MemoryFormat::Contiguous));
+    cpu::pooled_linear_nhwc_f32(h.const_data_ptr<float>(), n, hd.pool * hd.pool, C,
+                                hd.weight.const_data_ptr<float>(), hd.bias.const_data_ptr<float>(), K, hd.sigmoid,
+                                out.data_ptr<float>());
+    return out;
+  }
+
   // Runs f(shard of h, its first row) -> (output, routing or undefined) on each shard of
   // consecutive rows and concatenates the results. With more than one shard, the shards
   // run side by side, one per intra-op thread; inside a shard every kernel runs on its
@@ -147,9 +254,7 @@ class BlockLoop : public torch::CustomClassHolder {
   // cores (README "Performance"): SkipNet-110 ~15 % faster at batch 8, ~6 % at 32.
   template <typename F>
   std::pair<at::Tensor, at::Tensor> sharded(const at::Tensor& input, const F& f) const {
-    TORCH_CHECK(input.scalar_type() == at::kFloat && input.device().is_cpu() && input.dim() == 4,
-                "BlockLoop: expected a float32 CPU input [N, C, H, W], got ", input.scalar_type(), " on ",
-                input.device(), " with shape ", input.sizes());
+    check_input(input);
     // NHWC-dense, as every kernel of the loop reads it (a no-op for the stem's output)
     const at::Tensor h = input.contiguous(at::MemoryFormat::ChannelsLast);
     const int64_t n = h.size(0);
@@ -172,7 +277,8 @@ class BlockLoop : public torch::CustomClassHolder {
         std::tie(outs[s], routings[s]) = f(h.narrow(0, lo, hi - lo), lo);
       }
     });
-    at::Tensor out = at::cat(outs, 0).contiguous(at::MemoryFormat::ChannelsLast);
+    at::Tensor out = at::cat(outs, 0);
+    if (out.dim() == 4) out = out.contiguous(at::MemoryFormat::ChannelsLast);
     return {out, routings[0].defined() ? at::cat(routings, 0) : at::Tensor()};
   }
 
@@ -290,6 +396,8 @@ class BlockLoop : public torch::CustomClassHolder {
 
   std::vector<Block> blocks_;
   std::optional<RecurrentGate> gate_;
+  c10::intrusive_ptr<OneDnnChain> stem_;
+  std::optional<Head> head_;
   int64_t shards_ = 0;
 };
 

@@ -32,5 +32,11 @@ TORCH_LIBRARY_FRAGMENT(dynexec, m) {
       .def("set_shards", &BlockLoop::set_shards)
       .def("shards", &BlockLoop::shards)
       .def("run_planned", &BlockLoop::run_planned)
-      .def("run_recurrent", &BlockLoop::run_recurrent);
+      .def("run_recurrent", &BlockLoop::run_recurrent)
+      .def("set_stem", &BlockLoop::set_stem)
+      .def("set_head", &BlockLoop::set_head)
+      .def("has_stem_and_head", &BlockLoop::has_stem_and_head)
+      .def("forward_planned", &BlockLoop::forward_planned)
+      .def("forward_recurrent", &BlockLoop::forward_recurrent)
+      .def("forward_with_policy", &BlockLoop::forward_with_policy);
 }

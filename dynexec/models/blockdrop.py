@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .common import BlockView, RoutedModel, StemView, conv3x3, official_init_
+from .common import BlockView, HeadView, RoutedModel, StemView, conv3x3, official_init_
 
 
 class BasicBlock(nn.Module):
@@ -122,6 +122,9 @@ class FlatResNet(nn.Module):
         h = self.avgpool(h)
         return self.fc(h.reshape(h.shape[0], -1))
 
+    def head_view(self) -> HeadView:
+        return HeadView(self.avgpool, self.fc)
+
     def forward_full(self, x: torch.Tensor) -> torch.Tensor:
         """Every block executed (used by the agents' feature extractors)."""
         h = self.seed(x)
@@ -223,7 +226,10 @@ class _Policy(nn.Module):
         return self.features.seed(self.prepare(x))
 
     def stem_view(self) -> StemView:
-        return dataclasses.replace(self.features.seed_view(), pre=self.prepare)
+        # (no pre-step for an agent that sees the input as is: lets the engine fold its
+        # whole forward into C++)
+        identity = type(self).prepare is _Policy.prepare
+        return dataclasses.replace(self.features.seed_view(), pre=None if identity else self.prepare)
 
     def block_views(self) -> list[BlockView]:
         return self.features.shortcut_views()
@@ -232,6 +238,9 @@ class _Policy(nn.Module):
         """Block probabilities from the last feature map (the value head is not needed)."""
         h = self.features.avgpool(h)
         return torch.sigmoid(self.logit(h.reshape(h.shape[0], -1)))
+
+    def head_view(self) -> HeadView:
+        return HeadView(self.features.avgpool, self.logit, sigmoid=True)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict,
                               missing_keys, unexpected_keys, error_msgs):
@@ -302,6 +311,9 @@ class BlockDrop(RoutedModel):
 
     def head(self, h: torch.Tensor) -> torch.Tensor:
         return self.resnet.head(h)
+
+    def head_view(self) -> HeadView:
+        return self.resnet.head_view()
 
     def policy_probs(self, x: torch.Tensor) -> torch.Tensor:
         return self.agent(x)[0]

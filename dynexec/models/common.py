@@ -61,6 +61,17 @@ class StemView:
     post: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
 
 
+@dataclass(frozen=True)
+class HeadView:
+    """The head as the engine sees it: ``pool`` (an AvgPool2d whose window is the whole
+    last feature map at the model's input size) -> flatten -> ``linear`` -> sigmoid when
+    ``sigmoid`` (a policy's block probabilities), so lowering can run it as one kernel."""
+
+    pool: nn.AvgPool2d
+    linear: nn.Linear
+    sigmoid: bool = False
+
+
 def check_input(x, *, model_name: str, in_channels: int, size: int,
                 param: torch.Tensor) -> None:
     """Raise a clear error unless ``x`` is an [N, C, size, size] floating tensor on the
@@ -112,6 +123,11 @@ class RoutedModel(nn.Module):
     def stem_view(self) -> Optional[StemView]:
         """The stem's parts when it is conv -> BN -> ReLU (lets lowering fold it); None
         makes the engine call ``stem`` as is."""
+        return None
+
+    def head_view(self) -> Optional[HeadView]:
+        """The head's parts when it is global average pooling -> linear (lets lowering run
+        it as one kernel); None makes the engine call ``head`` as is."""
         return None
 
     @property

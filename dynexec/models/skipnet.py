@@ -19,7 +19,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .common import BlockView, RoutedModel, StemView, conv3x3, official_init_
+from .common import BlockView, HeadView, RoutedModel, StemView, conv3x3, official_init_
 
 
 # --------------------------------------------------------------------------------------
@@ -217,6 +217,9 @@ class _ResNetTrunk(RoutedModel):
     def head(self, h: torch.Tensor) -> torch.Tensor:
         h = self.avgpool(h)
         return self.fc(h.reshape(h.shape[0], -1))
+
+    def head_view(self) -> HeadView:
+        return HeadView(self.avgpool, self.fc)
 
 
 # --------------------------------------------------------------------------------------

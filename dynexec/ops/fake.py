@@ -85,6 +85,13 @@ def _downsample_b_fake(x: torch.Tensor, out_channels):
     return z.contiguous(memory_format=_memory_format(x))
 
 
+def _pooled_linear_fake(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, sigmoid: bool):
+    torch._check(h.dim() == 4 and weight.dim() == 2 and weight.shape[1] == h.shape[1], lambda: (
+        f"dynexec::pooled_linear: expected h [N, C, H, W] and weight [K, C], but got shapes "
+        f"{list(h.shape)} and {list(weight.shape)}"))
+    return h.new_empty((h.shape[0], weight.shape[0]))
+
+
 _FAKES = {
     "dynexec::partition": _partition_fake,
     "dynexec::gather_rows": _gather_rows_fake,
@@ -93,6 +100,7 @@ _FAKES = {
     "dynexec::relu_pool_": _relu_pool_fake,
     "dynexec::recurrent_gate_step": _recurrent_gate_step_fake,
     "dynexec::downsample_b": _downsample_b_fake,
+    "dynexec::pooled_linear": _pooled_linear_fake,
 }
 _registered = False
 

@@ -249,3 +249,22 @@ def downsample_b(x: torch.Tensor, out_channels: int) -> torch.Tensor:
     ratio = out_channels // x.shape[1]
     z = torch.cat([pooled] + [pooled.mul(0)] * (ratio - 1), dim=1)
     return z.contiguous(memory_format=_memory_format(x))
+
+
+def pooled_linear(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                  sigmoid: bool) -> torch.Tensor:
+    """A classifier head: the mean of h [N, C, H, W] over H, W, then weight [K, C] and
+    bias [K] (then a sigmoid when ``sigmoid``) -> [N, K]."""
+    name = "pooled_linear"
+    for arg, t in (("h", h), ("weight", weight), ("bias", bias)):
+        _tensor(name, arg, t)
+    if h.dim() != 4:
+        raise OpArgumentError(f"{name}: h must be 4-D [N, C, H, W], got shape {list(h.shape)}")
+    if weight.dim() != 2 or weight.shape[1] != h.shape[1]:
+        raise OpArgumentError(f"{name}: weight must have shape [K, {h.shape[1]}], got "
+                              f"{list(weight.shape)}")
+    if list(bias.shape) != [weight.shape[0]]:
+        raise OpArgumentError(f"{name}: bias must have shape [{weight.shape[0]}], got "
+                              f"{list(bias.shape)}")
+    out = F.linear(h.mean(dim=(2, 3)), weight, bias)
+    return torch.sigmoid(out) if sigmoid else out
