@@ -4,8 +4,8 @@
     python benchmarks/latency.py --gpu a100 --json a100.json
     python benchmarks/latency.py --quick                 # < 90 s on 2 CPU cores
 
-Methods, timed side by side in one process, interleaved, after warm-up (median and
-p20/p80 of the repeats):
+Methods, timed side by side in one process, interleaved in a shuffled order every round,
+after warm-up (median and p20/p80 of the repeats):
   official-masked  the official semantics: every block on every sample, then the mask
   per-sample       the batch split into single samples, each running only its routed
                    blocks (BlockDrop's forward_single approach)
@@ -21,6 +21,7 @@ import argparse
 import csv
 import json
 import platform
+import random
 import statistics
 import sys
 import time
@@ -122,17 +123,23 @@ def build_methods(model, engines: dict, current: dict, per_sample: bool) -> list
 
 
 def time_methods(methods: list[Method], batches: list[torch.Tensor], current: dict, timer: Timer,
-                 repeats: int, warmup: int) -> dict[str, list[float]]:
+                 repeats: int, warmup: int, seed: int = 0) -> dict[str, list[float]]:
     """Interleaved rounds; every round takes the next batch of the pool, so the routing
-    (and the sub-batch sizes) change from round to round, as in deployment."""
+    (and the sub-batch sizes) change from round to round, as in deployment.
+
+    The methods run in a new (seeded) random order every round: in a fixed order a method
+    always follows the same one, and its time depends on what that one left in the caches
+    (dynexec right after the dense engine finds the same packed weights warm; the dense
+    engine right after official-masked finds them evicted)."""
+    order = random.Random(seed)
     for i in range(warmup):
         current["x"] = batches[i % len(batches)]
-        for m in methods:
+        for m in order.sample(methods, len(methods)):
             m.fn()
     times: dict[str, list[float]] = {f"{m.name}/{m.backend}": [] for m in methods}
     for r in range(repeats):
         current["x"] = batches[r % len(batches)]
-        for m in methods:
+        for m in order.sample(methods, len(methods)):
             times[f"{m.name}/{m.backend}"].append(timer(m.fn))
     return times
 

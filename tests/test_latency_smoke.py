@@ -74,3 +74,33 @@ def test_conv_bound_smoke():
     assert [int(ln[1]) for ln in lines] == [2, 5]
     for ln in lines:
         assert 0.0 < float(ln[2]) <= 1.0 and float(ln[3]) > 0 and float(ln[5]) > 0
+
+
+def test_timing_rounds_shuffle_the_method_order():
+    """Every method is timed once per round on that round's batch, and no method always
+    follows the same one (a fixed order would hand one method the caches another warmed)."""
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    try:
+        from latency import Method, time_methods
+    finally:
+        sys.path.pop(0)
+    calls: list[tuple[str, int]] = []
+    current: dict = {}
+    batches = [torch.full((1,), float(i)) for i in range(3)]
+    methods = [Method(name, "-", lambda name=name: calls.append((name, int(current["x"].item()))))
+               for name in ("official-masked", "dense-engine", "dynexec", "per-sample")]
+    times = time_methods(methods, batches, current, timer=lambda fn: fn() or 1.0, repeats=30, warmup=2)
+    assert {k: len(v) for k, v in times.items()} == {f"{m.name}/-": 30 for m in methods}
+    timed = calls[2 * len(methods):]
+    rounds = [timed[i:i + len(methods)] for i in range(0, len(timed), len(methods))]
+    assert all(sorted(n for n, _ in r) == sorted(m.name for m in methods) for r in rounds)
+    assert all({b for _, b in r} == {i % 3} for i, r in enumerate(rounds))
+    predecessors = {pred for r in rounds for (pred, _), (name, _) in zip(r, r[1:]) if name == "dynexec"}
+    assert len(predecessors) == len(methods) - 1
+    assert len({tuple(n for n, _ in r) for r in rounds}) > 1
+    # seeded: the same order on every run
+    calls.clear()
+    time_methods(methods, batches, current, timer=lambda fn: fn() or 1.0, repeats=30, warmup=2)
+    calls2, calls[:] = list(calls), []
+    time_methods(methods, batches, current, timer=lambda fn: fn() or 1.0, repeats=30, warmup=2)
+    assert calls == calls2
