@@ -233,7 +233,9 @@ def compile(model: torch.nn.Module, backend: str = "auto", fold_bn: bool = True,
     C++ block loop (native backend, 'onednn' convolutions) splits a batch: 'auto' (one
     shard per intra-op thread, each running the whole network on its rows with
     single-threaded kernels: faster for routed sub-batches of a few samples, same results),
-    1 (no sharding: every kernel uses every thread) or k > 1 shards. The engine snapshots
+    1 (no sharding: every kernel uses every thread) or k > 1 shards (with more shards than
+    threads, each thread claims the next shard when done: steadier on a host whose other
+    tenants slow one core). The engine snapshots
     the weights: compile again after changing the model.
     """
     resolve_batch_shards(batch_shards)  # (checked for every backend)

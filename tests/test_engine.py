@@ -274,16 +274,17 @@ def test_native_planned_loop_equals_the_python_loop(family):
 def test_batch_shards_give_the_same_results(family):
     """The C++ loop split into batch shards (each running the whole network on its rows,
     single-threaded kernels) gives exactly the unsharded loop's logits and routing: for
-    more shards than rows, uneven shards, one thread, forced routings and NaN rows."""
+    more shards than rows, more shards than threads (claimed by the threads one by one),
+    uneven shards, one thread, forced routings and NaN rows."""
     model = make_model(family)
     engines = {s: dynexec.compile(model, backend="native", convolutions="onednn", batch_shards=s)
-               for s in (1, 2, 3, "auto")}
-    assert [e.program.native_loop.loop.shards() for e in engines.values()] == [1, 2, 3, 0]
+               for s in (1, 2, 3, 5, "auto")}
+    assert [e.program.native_loop.loop.shards() for e in engines.values()] == [1, 2, 3, 5, 0]
     assert "batch_shards=3" in repr(engines[3])
     gen = torch.Generator().manual_seed(11)
     threads = torch.get_num_threads()
     try:
-        for n, nthreads in ((1, threads), (2, threads), (5, threads), (8, threads), (5, 1)):
+        for n, nthreads in ((1, 2), (2, 2), (5, 2), (8, 2), (11, 2), (8, 3), (5, 1)):
             torch.set_num_threads(nthreads)
             x = _x(family, n, seed=70 + n)
             if n == 5:

@@ -32,6 +32,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <optional>
 #include <tuple>
@@ -270,9 +271,13 @@ class BlockLoop : public torch::CustomClassHolder {
     }
     std::vector<at::Tensor> outs(shards), routings(shards);
     const at::ThreadLocalState caller;  // inference mode, profiler, ... for the workers
-    at::parallel_for(0, shards, 1, [&](int64_t begin, int64_t end) {
+    // With more shards than threads, each thread claims the next unstarted shard when it
+    // is done with one, so a thread that was slowed (or descheduled) takes fewer shards.
+    std::atomic<int64_t> next{0};
+    const int64_t workers = std::min<int64_t>(shards, at::in_parallel_region() ? 1 : at::get_num_threads());
+    at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
       at::ThreadLocalStateGuard guard(caller);
-      for (int64_t s = begin; s < end; ++s) {
+      for (int64_t s = next++; s < shards; s = next++) {
         const int64_t lo = s * n / shards, hi = (s + 1) * n / shards;
         std::tie(outs[s], routings[s]) = f(h.narrow(0, lo, hi - lo), lo);
       }
