@@ -265,6 +265,31 @@ def print_table(result: dict) -> None:
         print("  ".join(f"{str(v):>{w}}" for v, (_, w) in zip(vals, cols)))
 
 
+# The dense engine does the same work every round, so the spread of its times is the
+# machine's noise. On this project's 2-core host its median p20-p80 spread was 4-7 % of
+# the median in idle hours and 11-18 % when other tenants loaded the host.
+BUSY_SPREAD = 0.10
+
+
+def baseline_spread(rows: list[dict]) -> float | None:
+    """Median over the dense-engine rows of (p80 - p20) / median (None without such rows)."""
+    spreads = [(r["ms_p80"] - r["ms_p20"]) / r["ms_median"] for r in rows
+               if r["method"] == "dense-engine" and r["ms_median"] > 0]
+    return statistics.median(spreads) if spreads else None
+
+
+def print_noise_warning(rows: list[dict]) -> None:
+    spread = baseline_spread(rows)
+    if spread is None or spread <= BUSY_SPREAD:
+        return
+    # Delays from other work add the same milliseconds to a fast method and a slow one,
+    # which pulls every speedup ratio towards 1.
+    print(f"warning: the dense engine's times (the same work every round) spread by a median "
+          f"{spread:.0%} between p20 and p80 (idle machine: < {BUSY_SPREAD:.0%}): the machine was "
+          f"busy during the run, which pulls speedup ratios towards 1; re-run on an idle machine "
+          f"or with more --repeats")
+
+
 def write_outputs(result: dict, args) -> None:
     if args.json:
         with open(args.json, "w") as f:
@@ -372,6 +397,7 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     result = run(args)
     print_table(result)
+    print_noise_warning(result["rows"])
     for name, label in result["inputs"].items():
         print(f"inputs for {name}: {label}")
     write_outputs(result, args)

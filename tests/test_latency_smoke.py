@@ -104,3 +104,25 @@ def test_timing_rounds_shuffle_the_method_order():
     calls2, calls[:] = list(calls), []
     time_methods(methods, batches, current, timer=lambda fn: fn() or 1.0, repeats=30, warmup=2)
     assert calls == calls2
+
+
+def test_a_busy_machine_is_reported(capsys):
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    try:
+        import latency
+    finally:
+        sys.path.pop(0)
+    row = lambda method, med, p20, p80: {"method": method, "ms_median": med, "ms_p20": p20, "ms_p80": p80}
+    # routed methods vary with the routing from round to round: only the dense engine counts
+    quiet = [row("dense-engine", 10.0, 9.8, 10.3), row("dense-engine", 20.0, 19.5, 20.5),
+             row("dense-engine", 40.0, 38.0, 44.0), row("dynexec", 5.0, 3.0, 7.0)]
+    busy = [row("dense-engine", 10.0, 9.0, 11.5), row("dense-engine", 20.0, 19.0, 22.0),
+            row("dense-engine", 40.0, 39.0, 40.5), row("dynexec", 5.0, 4.9, 5.1)]
+    assert latency.baseline_spread(quiet) == 0.05
+    assert latency.baseline_spread(busy) == 0.15
+    assert latency.baseline_spread([row("dynexec", 5.0, 4.0, 6.0)]) is None
+    latency.print_noise_warning(quiet)
+    assert capsys.readouterr().out == ""
+    latency.print_noise_warning(busy)
+    out = capsys.readouterr().out
+    assert "median 15% between p20 and p80" in out and "busy" in out
