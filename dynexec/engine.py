@@ -232,7 +232,8 @@ def compile(model: torch.nn.Module, backend: str = "auto", fold_bn: bool = True,
     weights) or 'aten' (F.conv2d); see dynexec.program.resolve_conv_impl. batch_shards: how the
     C++ block loop (native backend, 'onednn' convolutions) splits a batch: 'auto' (one
     shard per intra-op thread, each running the whole network on its rows with
-    single-threaded kernels: faster for routed sub-batches of a few samples, same results),
+    single-threaded kernels: faster for routed sub-batches of a few samples, same results;
+    more shards when one would get over 32 rows, which run slower per row),
     1 (no sharding: every kernel uses every thread) or k > 1 shards (with more shards than
     threads, each thread claims the next shard when done: steadier on a host whose other
     tenants slow one core). The engine snapshots

@@ -68,8 +68,10 @@ def resolve_conv_impl(requested: str) -> str:
 def resolve_batch_shards(requested) -> int:
     """The batch shards of the C++ block loop (BlockLoop.set_shards): 'auto' -> 0 (one
     shard per intra-op thread, each running the whole loop on its rows with
-    single-threaded kernels), 1 -> no sharding, k > 1 -> k shards (more shards than
-    threads are claimed by the threads one at a time)."""
+    single-threaded kernels; a multiple of the threads when a shard would get more than
+    32 rows, which run slower per row once they outgrow a core's cache), 1 -> no
+    sharding, k > 1 -> k shards (more shards than threads are claimed by the threads
+    one at a time)."""
     if requested == "auto":
         return 0
     if isinstance(requested, bool) or not isinstance(requested, int) or requested < 1:

@@ -281,14 +281,18 @@ def test_batch_shards_give_the_same_results(family):
                for s in (1, 2, 3, 5, "auto")}
     assert [e.program.native_loop.loop.shards() for e in engines.values()] == [1, 2, 3, 5, 0]
     assert "batch_shards=3" in repr(engines[3])
+    auto = engines["auto"].program.native_loop.loop
     gen = torch.Generator().manual_seed(11)
     threads = torch.get_num_threads()
     try:
-        for n, nthreads in ((1, 2), (2, 2), (5, 2), (8, 2), (11, 2), (8, 3), (5, 1)):
+        # (70, 2) and (33, 1): the default makes 4 and 2 shards (at most 32 rows each)
+        for n, nthreads in ((1, 2), (2, 2), (5, 2), (8, 2), (11, 2), (8, 3), (5, 1), (70, 2), (33, 1)):
             torch.set_num_threads(nthreads)
             x = _x(family, n, seed=70 + n)
             if n == 5:
                 x[3] = float("nan")
+            expected = nthreads * -(-n // (32 * nthreads))  # threads x ceil(n / (32 threads))
+            assert auto.shards_for(n) == min(n, expected), (n, nthreads)
             forced = torch.rand(n, engines[1].num_blocks, generator=gen) < 0.5
             for routing in (None, forced):
                 (a, ra) = engines[1](x, return_routing=True, routing=routing)
@@ -314,6 +318,10 @@ def test_block_loop_rejects_negative_shards():
     loop = torch.classes.dynexec.BlockLoop()
     with pytest.raises(RuntimeError, match="expected shards >= 0"):
         loop.set_shards(-1)
+    with pytest.raises(RuntimeError, match="expected n >= 0 rows"):
+        loop.shards_for(-1)
+    loop.set_shards(5)
+    assert [loop.shards_for(n) for n in (0, 1, 3, 5, 200)] == [1, 1, 3, 5, 5]
 
 
 @pytest.mark.skipif(not dynexec.program.onednn_direct_available(), reason="dynexec._C built without oneDNN")

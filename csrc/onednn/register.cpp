@@ -31,6 +31,7 @@ TORCH_LIBRARY_FRAGMENT(dynexec, m) {
       .def("num_blocks", &BlockLoop::num_blocks)
       .def("set_shards", &BlockLoop::set_shards)
       .def("shards", &BlockLoop::shards)
+      .def("shards_for", &BlockLoop::shards_for)
       .def("run_planned", &BlockLoop::run_planned)
       .def("run_recurrent", &BlockLoop::run_recurrent)
       .def("set_stem", &BlockLoop::set_stem)
