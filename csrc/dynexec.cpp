@@ -26,10 +26,12 @@ int64_t cuda_version() {
 #ifdef DYNEXEC_WITH_ONEDNN
 int64_t onednn_version();     // csrc/onednn/register.cpp
 int64_t onednn_plan_count();
+std::vector<std::string> onednn_plan_impls();
 #else
 // 0: built without oneDNN (no torch.classes.dynexec.OneDnnChain).
 int64_t onednn_version() { return 0; }
 int64_t onednn_plan_count() { return 0; }
+std::vector<std::string> onednn_plan_impls() { return {}; }
 #endif
 
 }  // namespace dynexec
@@ -61,6 +63,9 @@ TORCH_LIBRARY(dynexec, m) {
   m.def("onednn_version() -> int", &dynexec::onednn_version);
   // oneDNN primitives created so far (one per convolution geometry and sub-batch size).
   m.def("onednn_plan_count() -> int", &dynexec::onednn_plan_count);
+  // oneDNN's implementation name of each of those primitives (e.g. "brgconv:avx2"): a
+  // "ref:" name means oneDNN's reference code, 50-100x slower than its JIT kernels.
+  m.def("onednn_plan_impls() -> str[]", &dynexec::onednn_plan_impls);
 }
 
 // `import dynexec._C` only needs a module object; loading the library runs the static

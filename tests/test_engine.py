@@ -306,6 +306,25 @@ def test_batch_shards_give_the_same_results(family):
         torch.set_num_threads(threads)
 
 
+@pytest.mark.skipif(not dynexec.program.onednn_direct_available(), reason="dynexec._C built without oneDNN")
+def test_no_convolution_falls_back_to_onednns_reference_code():
+    """Every sub-batch size gets one of oneDNN's JIT kernels, never its reference code
+    ("ref:..."; 50-100x slower). oneDNN's preferred weight layout can depend on the batch
+    size (on AVX2: 8-, 16- or 24-channel blocks), and a primitive made for weights packed
+    in another size's layout falls back to the reference code; each PackedConv packs one
+    copy per layout it is asked for."""
+    for family in ("skipnet-cifar-rnn", "blockdrop-cifar", "skipnet-imagenet-bottleneck"):
+        engine = dynexec.compile(make_model(family), backend="native", convolutions="onednn", batch_shards=1)
+        gen = torch.Generator().manual_seed(4)
+        for n in (1, 2, 3, 5, 8, 13, 16, 24, 31, 40):
+            x = _x(family, n, seed=n)
+            engine(x)
+            engine(x, routing=torch.rand(n, engine.num_blocks, generator=gen) < 0.5)
+    impls = torch.ops.dynexec.onednn_plan_impls()
+    assert len(impls) == torch.ops.dynexec.onednn_plan_count() > 0
+    assert not [i for i in impls if i.startswith("ref")], sorted(set(impls))
+
+
 @pytest.mark.parametrize("bad", [0, -1, True, 2.0, "two", None])
 def test_batch_shards_must_be_auto_or_a_positive_int(bad):
     model = make_model("skipnet-cifar-rnn")

@@ -39,6 +39,7 @@ int64_t available_threads() { return at::in_parallel_region() ? 1 : at::get_num_
 struct Plan {
   dnnl::convolution_forward primitive;
   memory::desc weights, src, dst, bias, scratchpad;
+  std::string impl;  // oneDNN's implementation name, e.g. "brgconv:avx2"
 };
 
 dnnl::convolution_forward::primitive_desc describe(const PlanKey& k, const memory::desc& wei_md) {
@@ -61,38 +62,34 @@ dnnl::convolution_forward::primitive_desc describe(const PlanKey& k, const memor
       Dims{pad, pad}, Dims{pad, pad}, attr);
 }
 
-// Plans of one key, one per weight layout: convolutions of one geometry pack their
-// weights in the layout oneDNN prefers for the first batch size each of them sees. On
-// this project's machine that layout never depends on the batch size (checked for the
-// CIFAR / ImageNet geometries, n = 1-130, with and without the sum post-op), but a
-// primitive must never read weights packed for another, so the layout is part of the
-// identity. Plans are heap-allocated: Bound keeps pointers to them.
-using PlanList = std::vector<std::unique_ptr<Plan>>;
-
-const Plan* find_plan(const PlanList& list, const memory::desc& wei_md) {
-  for (const auto& plan : list) {
-    if (plan->weights == wei_md) return plan.get();
-  }
-  return nullptr;
-}
-
+// One plan per key, for the weight layout oneDNN prefers for that key (weights described
+// as format_tag::any): the layout can depend on the batch size. On AVX2 machines oneDNN
+// 3.2 picks 8-, 16- or 24-output-channel blocks by batch size for the CIFAR geometries;
+// a primitive forced onto weights packed for another batch size's choice falls back to
+// the reference implementation (ref:any), 50-100x slower. Each PackedConv therefore keeps
+// one packed copy of its weights per layout its plans ask for (see packed_for).
+// Plans are heap-allocated: Bound keeps pointers to them.
 std::mutex plans_mu;
-std::map<PlanKey, PlanList>& plans() {
-  static std::map<PlanKey, PlanList> cache;
+std::map<PlanKey, std::unique_ptr<Plan>>& plans() {
+  static std::map<PlanKey, std::unique_ptr<Plan>> cache;
   return cache;
 }
 
-// The plan of key for weights in layout wei_md. Creating one costs ~0.1-1 ms (oneDNN's
-// JIT), so it happens once per key and layout; entries are never evicted (a model has a
-// few geometries times the batch sizes it sees, ~40 KB each).
-const Plan& plan_for(const PlanKey& key, const memory::desc& wei_md) {
+// The plan of key. Creating one costs ~0.1-1 ms (oneDNN's JIT), so it happens once per
+// key; entries are never evicted (a model has a few geometries times the batch sizes it
+// sees, ~40 KB each).
+const Plan& plan_for(const PlanKey& key) {
   std::lock_guard<std::mutex> lock(plans_mu);
-  PlanList& list = plans()[key];
-  if (const Plan* plan = find_plan(list, wei_md)) return *plan;
-  const auto pd = describe(key, wei_md);
-  list.push_back(std::make_unique<Plan>(Plan{dnnl::convolution_forward(pd), wei_md, pd.src_desc(), pd.dst_desc(),
-                                             pd.bias_desc(), pd.scratchpad_desc()}));
-  return *list.back();
+  std::unique_ptr<Plan>& plan = plans()[key];
+  if (!plan) {
+    const auto [n, ic, h, w, oc, kh, kw, stride, pad, sum, threads] = key;
+    const memory::desc any({oc, ic, kh, kw}, memory::data_type::f32, memory::format_tag::any);
+    const auto pd = describe(key, any);
+    plan = std::make_unique<Plan>(Plan{dnnl::convolution_forward(pd), pd.weights_desc(), pd.src_desc(),
+                                       pd.dst_desc(), pd.bias_desc(), pd.scratchpad_desc(),
+                                       pd.impl_info_str()});
+  }
+  return *plan;
 }
 
 // This thread's scratchpad, grown as needed and reused by every call on the thread (a
@@ -114,17 +111,15 @@ struct Bound {
   memory src, dst, scratchpad;
 };
 
-Bound& bound_for(const PlanKey& key, const memory::desc& wei_md) {
-  thread_local std::map<PlanKey, std::vector<Bound>> bound;
-  std::vector<Bound>& list = bound[key];
-  for (Bound& b : list) {
-    if (b.plan->weights == wei_md) return b;
-  }
-  const Plan& plan = plan_for(key, wei_md);
+Bound& bound_for(const PlanKey& key) {
+  thread_local std::map<PlanKey, Bound> bound;
+  auto it = bound.find(key);
+  if (it != bound.end()) return it->second;
+  const Plan& plan = plan_for(key);
   auto& engine = cpu_engine();
-  list.push_back(Bound{&plan, memory(plan.src, engine, nullptr), memory(plan.dst, engine, nullptr),
-                       memory(plan.scratchpad, engine, nullptr)});
-  return list.back();
+  return bound.emplace(key, Bound{&plan, memory(plan.src, engine, nullptr), memory(plan.dst, engine, nullptr),
+                                  memory(plan.scratchpad, engine, nullptr)})
+      .first->second;
 }
 
 }  // namespace
@@ -148,6 +143,8 @@ PackedConv::PackedConv(const at::Tensor& weight, const at::Tensor& bias, int64_t
   ic_ = weight.size(1);
   kh_ = weight.size(2);
   kw_ = weight.size(3);
+  bias_memory_ = memory(memory::desc({oc_}, memory::data_type::f32, memory::format_tag::a), cpu_engine(),
+                        bias_.data_ptr());
 }
 
 namespace {
@@ -203,37 +200,47 @@ void PackedConv::add_(const at::Tensor& input, const at::Tensor& residual) {
   run(nhwc_of(x), residual.data_ptr<float>(), /*sum=*/true);
 }
 
-// The weights, reordered once into the layout oneDNN prefers for the first input seen
-// (sub-batches of other sizes reuse that layout: their primitives are created for it).
-void PackedConv::pack_once(const Nhwc& x) {
-  std::call_once(packed_once_, [&] {
-    const memory::desc any({oc_, ic_, kh_, kw_}, memory::data_type::f32, memory::format_tag::any);
-    const PlanKey first{x.n, ic_, x.h, x.w, oc_, kh_, kw_, stride_, padding_, 0, available_threads()};
-    const auto pd = describe(first, any);
-    const auto wei_md = pd.weights_desc();
-    memory plain({{oc_, ic_, kh_, kw_}, memory::data_type::f32, memory::format_tag::oihw}, cpu_engine(),
-                 weight_.data_ptr<float>());
-    packed_storage_ = at::empty({static_cast<int64_t>(wei_md.get_size())}, weight_.options().dtype(at::kByte));
-    dnnl::memory packed(wei_md, cpu_engine(), packed_storage_.data_ptr());
-    dnnl::reorder(plain, packed).execute(thread_stream(), plain, packed);
-    thread_stream().wait();
-    packed_ = packed;
-    bias_memory_ = memory(pd.bias_desc(), cpu_engine(), bias_.data_ptr());
-  });
+// The weights in layout wei_md, reordered the first time a plan asks for that layout.
+// Lookups read the filled slots without a lock (a slot is complete before the count
+// that publishes it is raised); only packing a new layout takes the lock.
+const memory& PackedConv::packed_for(const memory::desc& wei_md) {
+  const int count = packs_filled_.load(std::memory_order_acquire);
+  for (int i = 0; i < count; ++i) {
+    if (packs_[i].weights == wei_md) return packs_[i].weights_memory;
+  }
+  std::lock_guard<std::mutex> lock(packs_mu_);
+  const int filled = packs_filled_.load(std::memory_order_relaxed);
+  for (int i = count; i < filled; ++i) {
+    if (packs_[i].weights == wei_md) return packs_[i].weights_memory;
+  }
+  TORCH_CHECK(filled < kMaxLayouts, name_, ": oneDNN asked for more than ", kMaxLayouts,
+              " weight layouts across batch sizes");
+  memory plain({{oc_, ic_, kh_, kw_}, memory::data_type::f32, memory::format_tag::oihw}, cpu_engine(),
+               weight_.data_ptr<float>());
+  Pack& pack = packs_[filled];
+  pack.storage = at::empty({static_cast<int64_t>(wei_md.get_size())}, weight_.options().dtype(at::kByte));
+  pack.weights = wei_md;
+  pack.weights_memory = memory(wei_md, cpu_engine(), pack.storage.data_ptr());
+  dnnl::reorder(plain, pack.weights_memory).execute(thread_stream(), plain, pack.weights_memory);
+  thread_stream().wait();
+  packs_filled_.store(filled + 1, std::memory_order_release);
+  return pack.weights_memory;
 }
+
+int64_t PackedConv::num_layouts() const { return packs_filled_.load(std::memory_order_acquire); }
 
 void PackedConv::run(const Nhwc& x, float* out, bool sum) {
   // Visible to torch.profiler like an op (the class methods bypass the dispatcher).
   RECORD_FUNCTION(sum ? "dynexec::onednn_conv_add_" : "dynexec::onednn_conv", std::vector<c10::IValue>());
   if (x.n == 0) return;
-  pack_once(x);
   const PlanKey key{x.n, ic_, x.h, x.w, oc_, kh_, kw_, stride_, padding_, sum ? 1 : 0, available_threads()};
-  Bound& bound = bound_for(key, packed_.get_desc());
+  Bound& bound = bound_for(key);
+  const memory& weights = packed_for(bound.plan->weights);
   at::internal::lazy_init_num_threads();  // this thread's OpenMP team follows torch's setting
   bound.src.set_data_handle(x.data);
   bound.dst.set_data_handle(out);
   dnnl_exec_arg_t args[5] = {{DNNL_ARG_SRC, bound.src.get()},
-                             {DNNL_ARG_WEIGHTS, packed_.get()},
+                             {DNNL_ARG_WEIGHTS, weights.get()},
                              {DNNL_ARG_BIAS, bias_memory_.get()},
                              {DNNL_ARG_DST, bound.dst.get()},
                              {DNNL_ARG_SCRATCHPAD, nullptr}};
@@ -249,9 +256,14 @@ void PackedConv::run(const Nhwc& x, float* out, bool sum) {
 
 int64_t plan_count() {
   std::lock_guard<std::mutex> lock(plans_mu);
-  int64_t count = 0;
-  for (const auto& entry : plans()) count += static_cast<int64_t>(entry.second.size());
-  return count;
+  return static_cast<int64_t>(plans().size());
+}
+
+std::vector<std::string> plan_impls() {
+  std::lock_guard<std::mutex> lock(plans_mu);
+  std::vector<std::string> impls;
+  for (const auto& entry : plans()) impls.push_back(entry.second->impl);
+  return impls;
 }
 
 int64_t version() {

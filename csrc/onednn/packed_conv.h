@@ -18,8 +18,11 @@
 #include <oneapi/dnnl/dnnl.hpp>
 
 #include <array>
+#include <atomic>
 #include <cstdint>
 #include <mutex>
+#include <string>
+#include <vector>
 
 namespace dynexec {
 namespace onednn {
@@ -57,18 +60,29 @@ class PackedConv {
 
   int64_t in_channels() const { return ic_; }
   int64_t out_channels() const { return oc_; }
+  // How many weight layouts have been packed so far (one per layout oneDNN chose for the
+  // batch sizes seen).
+  int64_t num_layouts() const;
 
  private:
   at::Tensor checked_input(const at::Tensor& x) const;
   std::array<int64_t, 4> output_shape(const at::Tensor& x) const;
-  void pack_once(const Nhwc& x);
+  const dnnl::memory& packed_for(const dnnl::memory::desc& wei_md);
+
+  struct Pack {
+    at::Tensor storage;
+    dnnl::memory::desc weights;
+    dnnl::memory weights_memory;
+  };
+  static constexpr int kMaxLayouts = 8;
 
   std::string name_;
   at::Tensor weight_, bias_;
   int64_t oc_, ic_, kh_, kw_, stride_, padding_;
-  std::once_flag packed_once_;
-  at::Tensor packed_storage_;
-  dnnl::memory packed_, bias_memory_;
+  dnnl::memory bias_memory_;
+  std::mutex packs_mu_;
+  std::array<Pack, kMaxLayouts> packs_;
+  std::atomic<int> packs_filled_{0};
 };
 
 // An at::Tensor's NHWC-dense data as an Nhwc (t: float32, 4-D, channels_last-contiguous).
@@ -78,6 +92,9 @@ inline Nhwc nhwc_of(const at::Tensor& t) {
 
 // Number of oneDNN primitives created so far (one per geometry and sub-batch size).
 int64_t plan_count();
+
+// oneDNN's implementation name of every primitive created so far (e.g. "brgconv:avx2").
+std::vector<std::string> plan_impls();
 
 // oneDNN's version as major * 10000 + minor * 100 + patch.
 int64_t version();

@@ -8,6 +8,7 @@ namespace dynexec {
 
 int64_t onednn_version() { return onednn::version(); }
 int64_t onednn_plan_count() { return onednn::plan_count(); }
+std::vector<std::string> onednn_plan_impls() { return onednn::plan_impls(); }
 
 }  // namespace dynexec
 
