@@ -242,7 +242,11 @@ def machine_info(device: torch.device, args) -> dict:
     except OSError:
         pass
     info = {"torch": torch.__version__, "dynexec": dynexec.__version__, "python": platform.python_version(),
-            "device": device.type, "cpu_model": cpu, "threads": torch.get_num_threads(),
+            "device": device.type, "cpu_model": cpu,
+            # the vector ISA torch and oneDNN dispatch to ("AVX512", "AVX2", ...): the same
+            # cpu_model name covers hosts whose kernels differ
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "threads": torch.get_num_threads(),
             "gpu_label": args.gpu or "", "command": " ".join(sys.argv),
             "convolutions": resolve_conv_impl(args.convolutions),
             "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
@@ -327,7 +331,8 @@ def plot(result: dict, path: str) -> None:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     m = result["machine"]
-    fig.suptitle(f"dynexec on {m['device']} ({m.get('gpu_name') or m['cpu_model']}, "
+    host = m.get("gpu_name") or " ".join(filter(None, [m["cpu_model"], m.get("cpu_capability")]))
+    fig.suptitle(f"dynexec on {m['device']} ({host}, "
                  f"{m['threads']} threads)", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

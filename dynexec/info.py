@@ -39,7 +39,8 @@ def _conv_report() -> str:
 
 
 def report() -> str:
-    lines = [f"dynexec {__version__}  torch {torch.__version__}  python {platform.python_version()}",
+    lines = [f"dynexec {__version__}  torch {torch.__version__}  python {platform.python_version()}"
+             f"  CPU ISA {torch.backends.cpu.get_cpu_capability()}",
              f"CUDA available: {torch.cuda.is_available()}"
              f" (torch built with CUDA {torch.version.cuda})",
              f"TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET', '')!s}", ""]

@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from dynexec import _native
 from dynexec.ops import backend_status, get_backend
@@ -36,3 +37,4 @@ def test_info_reports_every_backend():
     assert out.returncode == 0, out.stderr
     for name in ("native", "triton", "torch", "triton-graph", "auto -> native"):
         assert name in out.stdout
+    assert f"CPU ISA {torch.backends.cpu.get_cpu_capability()}" in out.stdout

@@ -27,7 +27,8 @@ def test_latency_smoke(tmp_path):
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     result = json.loads(out.read_text())
-    assert {"torch", "device", "threads", "cpu_model"} <= set(result["machine"])
+    assert {"torch", "device", "threads", "cpu_model", "cpu_capability"} <= set(result["machine"])
+    assert result["machine"]["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
     rows = result["rows"]
     assert all(set(r) == ROW_FIELDS for r in rows)
     methods = {(r["model"], r["batch_size"], r["method"], r["backend"]) for r in rows}
