@@ -38,7 +38,7 @@ int64_t available_threads() { return at::in_parallel_region() ? 1 : at::get_num_
 
 struct Plan {
   dnnl::convolution_forward primitive;
-  memory::desc weights, src, dst, bias, scratchpad;
+  memory::desc weights, src, dst, scratchpad;
   std::string impl;  // oneDNN's implementation name, e.g. "brgconv:avx2"
 };
 
@@ -82,12 +82,11 @@ const Plan& plan_for(const PlanKey& key) {
   std::lock_guard<std::mutex> lock(plans_mu);
   std::unique_ptr<Plan>& plan = plans()[key];
   if (!plan) {
-    const auto [n, ic, h, w, oc, kh, kw, stride, pad, sum, threads] = key;
+    [[maybe_unused]] const auto [n, ic, h, w, oc, kh, kw, stride, pad, sum, threads] = key;
     const memory::desc any({oc, ic, kh, kw}, memory::data_type::f32, memory::format_tag::any);
     const auto pd = describe(key, any);
     plan = std::make_unique<Plan>(Plan{dnnl::convolution_forward(pd), pd.weights_desc(), pd.src_desc(),
-                                       pd.dst_desc(), pd.bias_desc(), pd.scratchpad_desc(),
-                                       pd.impl_info_str()});
+                                       pd.dst_desc(), pd.scratchpad_desc(), pd.impl_info_str()});
   }
   return *plan;
 }
@@ -226,8 +225,6 @@ const memory& PackedConv::packed_for(const memory::desc& wei_md) {
   packs_filled_.store(filled + 1, std::memory_order_release);
   return pack.weights_memory;
 }
-
-int64_t PackedConv::num_layouts() const { return packs_filled_.load(std::memory_order_acquire); }
 
 void PackedConv::run(const Nhwc& x, float* out, bool sum) {
   // Visible to torch.profiler like an op (the class methods bypass the dispatcher).

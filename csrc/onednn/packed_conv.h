@@ -60,9 +60,6 @@ class PackedConv {
 
   int64_t in_channels() const { return ic_; }
   int64_t out_channels() const { return oc_; }
-  // How many weight layouts have been packed so far (one per layout oneDNN chose for the
-  // batch sizes seen).
-  int64_t num_layouts() const;
 
  private:
   at::Tensor checked_input(const at::Tensor& x) const;
