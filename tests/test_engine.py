@@ -243,8 +243,8 @@ def test_native_recurrent_loop_equals_the_python_loop(family):
 @pytest.mark.parametrize("family", ["blockdrop-cifar", "blockdrop-imagenet", "resnet-imagenet",
                                     "skipnet-cifar-ffgate2", "skipnet-cifar-rnn"])
 def test_native_planned_loop_equals_the_python_loop(family):
-    """Routings known up front (BlockDrop's policy, a forced routing: all, none, random)
-    run in C++ (BlockLoop.run_planned, identity / projection / DownsampleB shortcuts) with
+    """Routings known up front (BlockDrop's policy, a forced routing: all, none, random,
+    alternating) run in C++ (BlockLoop.run_planned, identity / projection / DownsampleB shortcuts) with
     the native backend, giving exactly the Python loop's logits."""
     import dataclasses
     model = make_model(family)
@@ -259,8 +259,11 @@ def test_native_planned_loop_equals_the_python_loop(family):
     for n in (1, 3, 8):
         x = _x(family, n, seed=60 + n)
         k = engine.num_blocks
+        # alternating: every routed row changes sides from one block to the next (the C++
+        # loop swaps rows to keep each block's routed rows in front)
+        alternating = (torch.arange(n)[:, None] + torch.arange(k)[None, :]) % 2 == 0
         for routing in (None, torch.ones(n, k, dtype=torch.bool), torch.zeros(n, k, dtype=torch.bool),
-                        torch.rand(n, k, generator=gen) < 0.5):
+                        torch.rand(n, k, generator=gen) < 0.5, alternating):
             if routing is None and model.router != "planned":
                 continue
             (a, ra), (b, rb) = (e(x, return_routing=True, routing=routing) for e in (engine, python_loop))

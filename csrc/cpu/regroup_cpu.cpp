@@ -117,21 +117,16 @@ at::Tensor gather_rows_cpu(const at::Tensor& x_, const at::Tensor& idx_, int64_t
   return y;
 }
 
-// out[idx[r]] = relu(y[r] + out[idx[r]]) for r < count; idx == nullptr means identity.
+// out[idx[r]] = relu(out[idx[r]] + y[r]) for r < count; idx == nullptr means identity.
 // Both out and y must have dense rows with the same in-row layout.
-// out[idx[r]] = relu(out[idx[r]] + y[r]), or with kCopy relu(y[r]).
-template <typename scalar_t, bool kCopy = false>
+template <typename scalar_t>
 void scatter_rows(scalar_t* op, int64_t o_bstride, const scalar_t* yp, int64_t y_bstride, const int64_t* ip,
                   int64_t count, int64_t row_len) {
   parallel_row_segments(count, row_len, kGrainElems, [&](int64_t r, int64_t off, int64_t len) {
     const int64_t dst_row = ip ? ip[r] : r;
     scalar_t* __restrict__ o = op + im::row_element_offset(dst_row, o_bstride, off);
     const scalar_t* __restrict__ s = yp + im::row_element_offset(r, y_bstride, off);
-    if constexpr (kCopy) {
-      for (int64_t j = 0; j < len; ++j) o[j] = im::relu<scalar_t>(s[j]);
-    } else {
-      for (int64_t j = 0; j < len; ++j) o[j] = im::relu_add<scalar_t>(o[j], s[j]);
-    }
+    for (int64_t j = 0; j < len; ++j) o[j] = im::relu_add<scalar_t>(o[j], s[j]);
   });
 }
 
@@ -174,17 +169,12 @@ void scatter_residual_relu_cpu(const at::Tensor& out_, const at::Tensor& y_, con
 
 // ------------------------------------------------------------------ scatter + pool
 // Where a pooled pass takes each new value from: relu(o + s) (the scatter of a branch
-// output onto its residual), relu(o) (an in-place ReLU; s unused) or relu(s) (a copy of
-// rows that already hold branch + residual: BlockLoop's sum-epilogue sub-batches).
-enum class PoolSource { kResidualAdd, kSelf, kCopy };
+// output onto its residual) or relu(o) (an in-place ReLU; s unused).
+enum class PoolSource { kResidualAdd, kSelf };
 
 template <PoolSource kSource, typename T>
 DYNEXEC_FORCE_INLINE T pool_value(T o, const T* s, int64_t j) {
-  if constexpr (kSource == PoolSource::kCopy) {
-    return im::relu<T>(s[j]);
-  } else {
-    return im::pool_update<kSource == PoolSource::kResidualAdd>(o, s, j);
-  }
+  return im::pool_update<kSource == PoolSource::kResidualAdd>(o, s, j);
 }
 
 // o[j] = the new value (pool_value) for j < len; returns
@@ -357,28 +347,6 @@ void gather_rows_f32(const float* x, int64_t x_row_stride, const int64_t* idx, i
                      float* y) {
   gather_rows_bytes(reinterpret_cast<const char*>(x), x_row_stride, idx, count, row_len, sizeof(float),
                     reinterpret_cast<char*>(y));
-}
-
-void scatter_residual_relu_f32(float* out, int64_t out_row_stride, const float* y, const int64_t* idx,
-                               int64_t count, int64_t row_len) {
-  scatter_rows<float>(out, out_row_stride, y, row_len, idx, count, row_len);
-}
-
-void scatter_relu_f32(float* out, int64_t out_row_stride, const float* y, const int64_t* idx, int64_t count,
-                      int64_t row_len) {
-  scatter_rows<float, /*kCopy=*/true>(out, out_row_stride, y, row_len, idx, count, row_len);
-}
-
-void scatter_relu_pool_nhwc_f32(float* out, int64_t out_row_stride, const float* y, const int64_t* idx,
-                                int64_t count, int64_t C, int64_t HW, float* pooled) {
-  update_and_pool_rows<PoolSource::kCopy, float>(out, out_row_stride, y, C * HW, idx, idx, count,
-                                                 /*channels_last=*/true, C, HW, pooled);
-}
-
-void scatter_residual_relu_pool_nhwc_f32(float* out, int64_t out_row_stride, const float* y, const int64_t* idx,
-                                         int64_t count, int64_t C, int64_t HW, float* pooled) {
-  update_and_pool_rows<PoolSource::kResidualAdd, float>(out, out_row_stride, y, C * HW, idx, idx, count,
-                                                        /*channels_last=*/true, C, HW, pooled);
 }
 
 void relu_pool_nhwc_f32(float* x, int64_t n, int64_t C, int64_t HW, float* pooled) {

@@ -7,19 +7,18 @@
 // forward_with_policy: BlockDrop's policy network, its decisions and the routed network,
 // shard by shard) — no Python and no thread fork/join between the parts.
 //
-// It runs exactly the steps of the Python engine's loops (dynexec/engine.py) — per
-// block: partition the routed rows, the branch on them or on the whole batch, the fused
-// scatter (which also pools for the gate), one step of the recurrent gate — but without
-// the ~6 Python-level calls per block, which on 2 CPU cores cost as much as the
-// arithmetic of a block on a small sub-batch. The kernels are the same (the regrouping
-// ops' CPU kernels, called directly after one shape check per block; OneDnnChain's
-// convolutions; recurrent_gate_step's CPU kernel with its LSTM weights prepared once), so
-// the results are identical to the Python loop's; tests/test_engine.py compares both,
-// and both with the reference model. A routed identity block adds its branch to the
-// gathered rows in the last convolution's epilogue and scatters relu(rows) back (the
-// Python loop scatters relu(h + y): the same sums, bit for bit).
+// It computes what the Python engine's loops (dynexec/engine.py) compute — per block:
+// the branch on the routed rows, residual add and ReLU (with the pooled means for the
+// gate), one step of the recurrent gate — but without the ~6 Python-level calls per
+// block, which on 2 CPU cores cost as much as the arithmetic of a block on a small
+// sub-batch, and without their gather and scatter: the routed rows are kept in front of
+// the activations (RowOrder) and the branch's last convolution adds its output to them in
+// place. The kernels are the same (OneDnnChain's convolutions, the regrouping ops' CPU
+// ReLU and pooling kernels, recurrent_gate_step's CPU kernel with its LSTM weights
+// prepared once), so the results are identical to the Python loop's; tests/test_engine.py
+// compares both, and both with the reference model.
 //
-// Sub-batches live in a per-shard Workspace reused by every block of the forward.
+// Branch intermediates live in a per-shard Workspace reused by every block of the forward.
 // Batch shards: by default the batch is split into one shard per intra-op thread (more
 // for batches of more than 32 rows per thread) and the shards run side by side, each
 // through the whole loop with single-threaded kernels (set_shards; see sharded()).
@@ -33,7 +32,9 @@
 
 #include <algorithm>
 #include <atomic>
+#include <initializer_list>
 #include <cstdint>
+#include <numeric>
 #include <optional>
 #include <tuple>
 #include <utility>
@@ -42,7 +43,6 @@
 #include "../cpu/gate_cpu.h"
 #include "../cpu/head_cpu.h"
 #include "../cpu/regroup_cpu.h"
-#include "../index_math.h"
 #include "chain.h"
 #include "native_ops.h"
 #include "workspace.h"
@@ -50,19 +50,70 @@
 namespace dynexec {
 namespace loop_detail {
 
-// Writes idx = the partition of the rows whose route[i * stride] is true (routed rows
-// first, both parts in increasing order); returns the number of routed rows.
-inline int64_t partition_rows(const bool* route, int64_t stride, int64_t n, int64_t* idx) {
-  int64_t total = 0;
-  for (int64_t i = 0; i < n; ++i) total += route[i * stride];
-  int64_t before = 0;
-  for (int64_t i = 0; i < n; ++i) {
-    const bool active = route[i * stride];
-    idx[index_math::partition_slot(active, i, before, total)] = i;  // the partition op's arithmetic
-    before += active;
-  }
-  return total;
+// A shard's rows in the loop's own order. The loop keeps each block's routed rows in
+// front, rows [0, active), so that the branch reads them and its last convolution adds
+// its output to them where they are: no gather before a routed branch, no scatter after
+// it. Consecutive blocks route mostly the same samples (SkipNet-110, BlockDrop R110 with
+// calibrated routing: ~0.12 rows change sides per routed row), so bringing the next
+// block's routed rows to the front swaps a few rows in place, where a gather and a
+// scatter would move every routed row twice. The loop puts the rows back in sample order
+// once, after the last block.
+struct RowSpan {  // a per-row array that moves with the rows: row j at data + j * row_len
+  float* data;
+  int64_t row_len;
+};
+
+inline RowSpan rows_of(const at::Tensor& t) {  // t: float32, dense rows
+  return RowSpan{t.data_ptr<float>(), t.numel() / std::max<int64_t>(1, t.size(0))};
 }
+
+class RowOrder {
+ public:
+  explicit RowOrder(int64_t n) : sample_(static_cast<size_t>(n)) {
+    std::iota(sample_.begin(), sample_.end(), int64_t{0});
+  }
+
+  // The sample (row of the shard's input) now in row j.
+  int64_t sample(int64_t j) const { return sample_[j]; }
+
+  // Moves the rows whose route[sample * stride] is true to the front of every array in
+  // `arrays` (all in this order), each routed row behind the front trading places with a
+  // skipped row in it; returns the number of routed rows.
+  int64_t routed_to_front(const bool* route, int64_t stride, std::initializer_list<RowSpan> arrays) {
+    const int64_t n = static_cast<int64_t>(sample_.size());
+    auto routed = [&](int64_t j) { return route[sample_[j] * stride]; };
+    int64_t total = 0;
+    for (int64_t j = 0; j < n; ++j) total += routed(j);
+    int64_t behind = total;  // the next row behind the front that may be routed
+    for (int64_t j = 0; j < total; ++j) {
+      if (routed(j)) continue;
+      while (!routed(behind)) ++behind;  // as many routed rows behind the front as skipped rows in it
+      for (const RowSpan& a : arrays) {
+        std::swap_ranges(a.data + j * a.row_len, a.data + (j + 1) * a.row_len, a.data + behind * a.row_len);
+      }
+      std::swap(sample_[j], sample_[behind]);
+      ++behind;
+      moved_ = true;
+    }
+    return total;
+  }
+
+  // x (NHWC-dense, one row per sample) with its rows in sample order: x itself when no
+  // row has moved.
+  at::Tensor in_sample_order(const at::Tensor& x) const {
+    if (!moved_) return x;
+    const int64_t n = x.size(0), row = x.numel() / std::max<int64_t>(1, n);
+    std::vector<int64_t> row_of(sample_.size());
+    for (size_t j = 0; j < sample_.size(); ++j) row_of[sample_[j]] = static_cast<int64_t>(j);
+    at::Tensor out = at::empty_like(x, at::MemoryFormat::ChannelsLast);
+    cpu::gather_rows_f32(x.const_data_ptr<float>(), row, row_of.data(), n, row, out.data_ptr<float>());
+    return out;
+  }
+
+ private:
+  std::vector<int64_t> sample_;
+  bool moved_ = false;
+};
 
 struct Block {
   c10::intrusive_ptr<OneDnnChain> branch;
@@ -310,14 +361,14 @@ class BlockLoop : public torch::CustomClassHolder {
 
   at::Tensor planned_rows(at::Tensor h, const at::Tensor& routing) {
     const int64_t n = h.size(0), num = num_blocks();
-    std::vector<int64_t> idx(static_cast<size_t>(n));
+    RowOrder order(n);
     at::Tensor no_pool;
     Workspace ws;
     for (int64_t k = 0; k < num; ++k) {
-      const int64_t active = partition_rows(routing.const_data_ptr<bool>() + k, num, n, idx.data());
-      h = run_block(blocks_[k], h, idx.data(), active, no_pool, /*pool=*/false, ws);
+      const int64_t active = order.routed_to_front(routing.const_data_ptr<bool>() + k, num, {rows_of(h)});
+      h = run_block(blocks_[k], h, active, no_pool, /*pool=*/false, ws);
     }
-    return h;
+    return order.in_sample_order(h);
   }
 
   std::tuple<at::Tensor, at::Tensor> recurrent_rows(at::Tensor h) {
@@ -325,20 +376,24 @@ class BlockLoop : public torch::CustomClassHolder {
     const RecurrentGate& g = *gate_;
     at::Tensor routing = at::ones({n, num}, h.options().dtype(at::kBool));
     const at::TensorOptions plain = h.options().memory_format(at::MemoryFormat::Contiguous);
+    // The gate's state and the pooled means are per row: they move with h's rows.
     at::Tensor hx = at::zeros({n, g.lstm.hidden()}, plain), cx = at::zeros({n, g.lstm.hidden()}, plain);
     at::Tensor p = at::empty({n}, plain);
-    std::vector<int64_t> idx(static_cast<size_t>(n));
+    RowOrder order(n);
     at::Tensor pooled;  // the current h's spatial means [N, C] (undefined before block 0)
     int64_t active = n;
     bool* route = routing.data_ptr<bool>();
     Workspace ws;
     for (int64_t k = 0; k < num; ++k) {
-      h = run_block(blocks_[k], h, idx.data(), active, pooled, /*pool=*/k + 1 < num, ws);
+      h = run_block(blocks_[k], h, active, pooled, /*pool=*/k + 1 < num, ws);
       if (k + 1 == num) break;
       g.lstm.step(pooled, g.embed_w[k], g.embed_b[k], hx, cx, p);
-      active = decide(p.const_data_ptr<float>(), n, route + k + 1, num, idx.data());
+      // SkipNet's rule: block k + 1 runs iff p > 0.5 (NaN: skip)
+      const float* prob = p.const_data_ptr<float>();
+      for (int64_t j = 0; j < n; ++j) route[order.sample(j) * num + k + 1] = prob[j] > 0.5f;
+      active = order.routed_to_front(route + k + 1, num, {rows_of(h), rows_of(pooled), rows_of(hx), rows_of(cx)});
     }
-    return {h, routing};
+    return {order.in_sample_order(h), routing};
   }
 
   // A projection or DownsampleB shortcut's output (identity blocks update h in place:
@@ -348,34 +403,28 @@ class BlockLoop : public torch::CustomClassHolder {
     return native::downsample_b(h, b.downsample_channels);
   }
 
-  // Block b on the `active` rows idx[:active] of h (NHWC-dense); with `pool`, pooled
-  // becomes the output's spatial means (the next gate's input). Sub-batches live in ws.
-  at::Tensor run_block(const Block& b, const at::Tensor& h, const int64_t* idx, int64_t active,
-                       at::Tensor& pooled, bool pool, Workspace& ws) {
-    const int64_t n = h.size(0);
+  // Block b on rows [0, active) of h (NHWC-dense); the other rows skip it. With `pool`,
+  // pooled becomes the output's spatial means (the next gate's input). The branch's
+  // intermediates live in ws; its last convolution adds its output to the routed rows of
+  // the residual in its epilogue (oneDNN's sum post-op: the same sums as the Python
+  // loop's relu(h + y), bit for bit).
+  at::Tensor run_block(const Block& b, const at::Tensor& h, int64_t active, at::Tensor& pooled, bool pool,
+                       Workspace& ws) {
     const onednn::Nhwc expected = b.branch->checked_output(onednn::nhwc_of(h));
+    onednn::Nhwc routed = onednn::nhwc_of(h);
+    routed.n = active;
+    const int64_t routed_numel = active * expected.h * expected.w * expected.c;
     if (b.identity()) {
       check_output(h, expected);
       // Rows the block skips keep their values, and their cached means (block 0 has none).
       const bool pool_rows = pool && pooled.defined();
-      const int64_t C = h.size(1), HW = h.size(2) * h.size(3);
       float* hp = h.data_ptr<float>();
-      if (active == n) {
-        b.branch->add_into(onednn::nhwc_of(h), hp, ws);
+      if (active > 0) {
+        b.branch->add_into(routed, hp, ws);
         if (pool_rows) {
-          cpu::relu_pool_nhwc_f32(hp, n, C, HW, pooled.data_ptr<float>());
+          cpu::relu_pool_nhwc_f32(hp, active, h.size(1), h.size(2) * h.size(3), pooled.data_ptr<float>());
         } else {
-          cpu::relu_f32(hp, h.numel());
-        }
-      } else if (active > 0) {
-        // The gathered rows are the residual: the last convolution adds the branch to them
-        // in its epilogue, and the scatter only copies relu(rows) back.
-        const onednn::Nhwc rows = gather(h, idx, active, ws);
-        b.branch->add_into(rows, rows.data, ws);
-        if (pool_rows) {
-          cpu::scatter_relu_pool_nhwc_f32(hp, C * HW, rows.data, idx, active, C, HW, pooled.data_ptr<float>());
-        } else {
-          cpu::scatter_relu_f32(hp, C * HW, rows.data, idx, active, C * HW);
+          cpu::relu_f32(hp, routed_numel);
         }
       }
       if (pool && !pool_rows) pooled = h.mean({2, 3}).contiguous();
@@ -383,14 +432,10 @@ class BlockLoop : public torch::CustomClassHolder {
     }
     at::Tensor out = shortcut(b, h).contiguous(at::MemoryFormat::ChannelsLast);
     check_output(out, expected);
-    float* o = out.data_ptr<float>();
-    if (active == n) {
-      b.branch->add_into(onednn::nhwc_of(h), o, ws);
-      cpu::relu_f32(o, out.numel());
-    } else if (active > 0) {
-      const int64_t out_row = expected.h * expected.w * expected.c;
-      const onednn::Nhwc y = b.branch->run_into(gather(h, idx, active, ws), ws);
-      cpu::scatter_residual_relu_f32(o, out_row, y.data, idx, active, out_row);
+    if (active > 0) {  // skipped rows keep the shortcut's output
+      float* o = out.data_ptr<float>();
+      b.branch->add_into(routed, o, ws);
+      cpu::relu_f32(o, routed_numel);
     }
     if (pool) pooled = out.mean({2, 3}).contiguous();
     return out;
@@ -400,24 +445,6 @@ class BlockLoop : public torch::CustomClassHolder {
     TORCH_CHECK(out.size(1) == branch.c && out.size(2) == branch.h && out.size(3) == branch.w,
                 "BlockLoop: a block's shortcut gives ", out.sizes(), " but its branch [", branch.n, ", ", branch.c,
                 ", ", branch.h, ", ", branch.w, "]");
-  }
-
-  // h[idx[:count]] into the workspace's kGathered slot.
-  static onednn::Nhwc gather(const at::Tensor& h, const int64_t* idx, int64_t count, Workspace& ws) {
-    onednn::Nhwc rows = onednn::nhwc_of(h);
-    const int64_t row = rows.h * rows.w * rows.c;
-    float* data = ws.get(Workspace::kGathered, count * row);
-    cpu::gather_rows_f32(rows.data, row, idx, count, row, data);
-    rows.data = data;
-    rows.n = count;
-    return rows;
-  }
-
-  // route[i * stride] = prob[i] > 0.5 for i < n (SkipNet's rule; NaN: false) and idx =
-  // the partition.
-  static int64_t decide(const float* prob, int64_t n, bool* route, int64_t stride, int64_t* idx) {
-    for (int64_t i = 0; i < n; ++i) route[i * stride] = prob[i] > 0.5f;
-    return partition_rows(route, stride, n, idx);
   }
 
   std::vector<Block> blocks_;

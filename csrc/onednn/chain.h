@@ -106,14 +106,6 @@ class OneDnnChain : public torch::CustomClassHolder {
     return x;
   }
 
-  // The chain on x with every output in workspace slots; returns the last convolution's
-  // output (no ReLU after it: a residual branch). x may be in the kGathered slot.
-  onednn::Nhwc run_into(const onednn::Nhwc& x, Workspace& ws) {
-    onednn::Nhwc y = x;
-    for (size_t i = 0; i < convs_.size(); ++i) y = conv_into(i, y, ws);
-    return y;
-  }
-
   // residual += chain(x) (residual: x's output shape), the add being the last
   // convolution's sum post-op.
   void add_into(const onednn::Nhwc& x, float* residual, Workspace& ws) {

@@ -1,5 +1,5 @@
-// Buffers that a block loop reuses from block to block for its sub-batches: the gathered
-// input rows of a routed block and the intermediate / output activations of its branch.
+// Buffers that a block loop reuses from block to block for the intermediate / output
+// activations of its branches.
 // Each slot grows to the largest size asked for and is then reused, so a forward
 // allocates a few buffers instead of ~3 tensors per block (issue #4: "reuse workspaces
 // instead of allocating per block"). One Workspace per shard of one forward: it is never
@@ -15,7 +15,7 @@ namespace dynexec {
 
 class Workspace {
  public:
-  enum Slot { kGathered = 0, kFirst = 1, kSecond = 2 };
+  enum Slot { kFirst = 0, kSecond = 1 };
 
   // Slot's buffer with room for at least numel floats (contents unspecified).
   float* get(Slot slot, int64_t numel) {
@@ -28,7 +28,7 @@ class Workspace {
   }
 
  private:
-  std::array<at::Tensor, 3> buffers_;
+  std::array<at::Tensor, 2> buffers_;
 };
 
 }  // namespace dynexec
