@@ -32,8 +32,8 @@
 
 #include <algorithm>
 #include <atomic>
-#include <initializer_list>
 #include <cstdint>
+#include <initializer_list>
 #include <numeric>
 #include <optional>
 #include <tuple>

@@ -42,7 +42,9 @@ struct Plan {
   std::string impl;  // oneDNN's implementation name, e.g. "brgconv:avx2"
 };
 
-dnnl::convolution_forward::primitive_desc describe(const PlanKey& k, const memory::desc& wei_md) {
+// The primitive for key k, its weights described as format_tag::any: oneDNN picks their
+// layout (see plans()).
+dnnl::convolution_forward::primitive_desc describe(const PlanKey& k) {
   [[maybe_unused]] const auto [n, ic, h, w, oc, kh, kw, stride, pad, sum, threads] = k;
   const int64_t oh = (h + 2 * pad - kh) / stride + 1, ow = (w + 2 * pad - kw) / stride + 1;
   const auto f32 = memory::data_type::f32;
@@ -56,7 +58,8 @@ dnnl::convolution_forward::primitive_desc describe(const PlanKey& k, const memor
   }
   return dnnl::convolution_forward::primitive_desc(
       cpu_engine(), dnnl::prop_kind::forward_inference, dnnl::algorithm::convolution_direct,
-      memory::desc({n, ic, h, w}, f32, memory::format_tag::nhwc), wei_md,
+      memory::desc({n, ic, h, w}, f32, memory::format_tag::nhwc),
+      memory::desc({oc, ic, kh, kw}, f32, memory::format_tag::any),
       memory::desc({oc}, f32, memory::format_tag::a),
       memory::desc({n, oc, oh, ow}, f32, memory::format_tag::nhwc), Dims{stride, stride},
       Dims{pad, pad}, Dims{pad, pad}, attr);
@@ -82,9 +85,7 @@ const Plan& plan_for(const PlanKey& key) {
   std::lock_guard<std::mutex> lock(plans_mu);
   std::unique_ptr<Plan>& plan = plans()[key];
   if (!plan) {
-    [[maybe_unused]] const auto [n, ic, h, w, oc, kh, kw, stride, pad, sum, threads] = key;
-    const memory::desc any({oc, ic, kh, kw}, memory::data_type::f32, memory::format_tag::any);
-    const auto pd = describe(key, any);
+    const auto pd = describe(key);
     plan = std::make_unique<Plan>(Plan{dnnl::convolution_forward(pd), pd.weights_desc(), pd.src_desc(),
                                        pd.dst_desc(), pd.scratchpad_desc(), pd.impl_info_str()});
   }
