@@ -13,7 +13,10 @@ after warm-up (median and p20/p80 of the repeats):
   dynexec          the engine with the real routing, one row per available backend
 
 theoretical speedup = dense FLOPs / executed FLOPs (gates and policy included);
-realized speedup = dense-engine time / method time; realization = realized / theoretical.
+realized speedup = dense-engine time / method time; realization = realized / theoretical;
+speedup vs official = official-masked time / method time. Both time ratios are paired:
+the median over rounds of the ratio of the two methods' times in the same round (see
+paired_ratio). Every round's times are kept in the JSON ("rounds").
 """
 from __future__ import annotations
 
@@ -84,6 +87,19 @@ class Timer:
         return (time.perf_counter() - t0) * 1e3
 
 
+def paired_ratio(numerator: list[float], denominator: list[float]) -> float:
+    """Median over rounds r of numerator[r] / denominator[r].
+
+    Both methods ran in round r within a second or so of each other, so a slowdown of the
+    machine that lasts longer than a round (other tenants' work on a shared host) scales
+    both times and cancels in their ratio; the ratio of two medians taken over all rounds
+    keeps it as noise (README "Performance" compares the two on one run)."""
+    if len(numerator) != len(denominator) or not numerator:
+        raise ValueError(f"expected two equally long, non-empty lists of round times, got "
+                         f"{len(numerator)} and {len(denominator)}")
+    return statistics.median(a / b for a, b in zip(numerator, denominator))
+
+
 def quantile(values: list[float], q: float) -> float:
     values = sorted(values)
     if len(values) == 1:
@@ -151,7 +167,7 @@ def run(args) -> dict:
         torch.set_num_threads(args.threads)
     timer = Timer(device)
     model_names = args.models.split(",") if args.models else default_presets()
-    rows, inputs = [], {}
+    rows, inputs, rounds = [], {}, []
     try:
         from tqdm import tqdm
     except ImportError:  # progress bars are optional
@@ -191,8 +207,9 @@ def run(args) -> dict:
             methods = build_methods(model, engines, current, per_sample)
             times = time_methods(methods, batches, current, timer, args.repeats, args.warmup)
             med = {k: statistics.median(v) for k, v in times.items()}
-            dense_ms = med[f"dense-engine/{methods[1].backend}"]
-            official_ms = med["official-masked/-"]
+            dense_times = times[f"dense-engine/{methods[1].backend}"]
+            official_times = times["official-masked/-"]
+            rounds.append({"model": model_name, "batch_size": batch, "times_ms": times})
             for m in methods:
                 key = f"{m.name}/{m.backend}"
                 t = times[key]
@@ -203,7 +220,7 @@ def run(args) -> dict:
                 else:
                     frac, f_exec = float(routing.float().mean()), flops_exec
                 theoretical = table.dense / f_exec
-                realized = dense_ms / med[key]
+                realized = paired_ratio(dense_times, t)
                 rows.append({
                     "model": model_name, "routing_source": source, "device": device.type,
                     "gpu": args.gpu or "", "batch_size": batch, "method": m.name,
@@ -212,13 +229,13 @@ def run(args) -> dict:
                     "executed_fraction": frac, "flops_dense": table.dense,
                     "flops_executed": f_exec, "theoretical_speedup": theoretical,
                     "realized_speedup": realized, "realization": realized / theoretical,
-                    "speedup_vs_official": official_ms / med[key],
+                    "speedup_vs_official": paired_ratio(official_times, t),
                 })
             if bar:
                 bar.update(1)
     if bar:
         bar.close()
-    return {"machine": machine_info(device, args), "inputs": inputs, "rows": rows}
+    return {"machine": machine_info(device, args), "inputs": inputs, "rows": rows, "rounds": rounds}
 
 
 def _model(args, name: str, images_for):
@@ -286,12 +303,12 @@ def print_noise_warning(rows: list[dict]) -> None:
     spread = baseline_spread(rows)
     if spread is None or spread <= BUSY_SPREAD:
         return
-    # Delays from other work add the same milliseconds to a fast method and a slow one,
-    # which pulls every speedup ratio towards 1.
+    # The ratios are paired per round, which cancels slowdowns that last longer than a
+    # round; shorter ones still hit one method and not the other.
     print(f"warning: the dense engine's times (the same work every round) spread by a median "
           f"{spread:.0%} between p20 and p80 (idle machine: < {BUSY_SPREAD:.0%}): the machine was "
-          f"busy during the run, which pulls speedup ratios towards 1; re-run on an idle machine "
-          f"or with more --repeats")
+          f"busy during the run; the speedup ratios (paired per round) are less certain than on "
+          f"an idle machine; re-run on an idle machine or with more --repeats")
 
 
 def write_outputs(result: dict, args) -> None:

@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from dynexec.presets import build_preset
@@ -37,8 +38,19 @@ def test_latency_smoke(tmp_path):
             for method, backend in [("official-masked", "-"), ("dense-engine", "native"),
                                     ("dynexec", "native"), ("dynexec", "torch"), ("per-sample", "native")]:
                 assert (model, batch, method, backend) in methods
+    # every round's times are in the JSON, and the ratios are their paired medians
+    rounds = {(g["model"], g["batch_size"]): g["times_ms"] for g in result["rounds"]}
+    assert set(rounds) == {(m, b) for m in ("blockdrop110", "skipnet110-allon") for b in (1, 3)}
     for r in rows:
         assert r["routing_source"] == "calibrated"
+        times = rounds[(r["model"], r["batch_size"])]
+        own = times[f"{r['method']}/{r['backend']}"]
+        assert len(own) == 2 and r["ms_median"] == sum(own) / 2
+        dense = times["dense-engine/native"]
+        official = times["official-masked/-"]
+        assert r["realized_speedup"] == pytest.approx((dense[0] / own[0] + dense[1] / own[1]) / 2, rel=1e-12)
+        assert r["speedup_vs_official"] == pytest.approx(
+            (official[0] / own[0] + official[1] / own[1]) / 2, rel=1e-12)
         assert r["realization"] == r["realized_speedup"] / r["theoretical_speedup"]
         if r["method"] == "dense-engine":
             assert r["realized_speedup"] == 1.0 and r["executed_fraction"] == 1.0
@@ -130,3 +142,31 @@ def test_a_busy_machine_is_reported(capsys):
     latency.print_noise_warning(busy)
     out = capsys.readouterr().out
     assert "median 15% between p20 and p80" in out and "busy" in out
+
+
+def _latency_module():
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    try:
+        import latency
+    finally:
+        sys.path.pop(0)
+    return latency
+
+
+def test_paired_ratio_cancels_slowdowns_that_span_a_round():
+    latency = _latency_module()
+    gen = torch.Generator().manual_seed(0)
+    # the machine's speed drifts by up to 2x from round to round; within a round the
+    # routed method always takes half the dense one's time
+    slowdown = (1 + torch.rand(41, generator=gen)).tolist()
+    dense = [100.0 * s for s in slowdown]
+    routed = [50.0 * s for s in slowdown]
+    assert latency.paired_ratio(dense, routed) == pytest.approx(2.0, rel=1e-12)
+    # a median: one disturbed round does not move it
+    routed[7] *= 3
+    assert latency.paired_ratio(dense, routed) == pytest.approx(2.0, rel=1e-12)
+    assert latency.paired_ratio([3.0, 5.0], [1.0, 1.0]) == 4.0
+    with pytest.raises(ValueError, match="equally long"):
+        latency.paired_ratio([1.0, 2.0], [1.0])
+    with pytest.raises(ValueError, match="non-empty"):
+        latency.paired_ratio([], [])
