@@ -87,6 +87,11 @@ class Timer:
         return (time.perf_counter() - t0) * 1e3
 
 
+# How the rows' realized_speedup and speedup_vs_official are computed (in the JSON, so a
+# reader of older results, which used the ratio of the two medians, can tell them apart).
+SPEEDUP_ESTIMATOR = "paired: median over rounds of the ratio of the two methods' times in that round"
+
+
 def paired_ratio(numerator: list[float], denominator: list[float]) -> float:
     """Median over rounds r of numerator[r] / denominator[r].
 
@@ -235,7 +240,8 @@ def run(args) -> dict:
                 bar.update(1)
     if bar:
         bar.close()
-    return {"machine": machine_info(device, args), "inputs": inputs, "rows": rows, "rounds": rounds}
+    return {"machine": machine_info(device, args), "inputs": inputs,
+            "speedup_estimator": SPEEDUP_ESTIMATOR, "rows": rows, "rounds": rounds}
 
 
 def _model(args, name: str, images_for):

@@ -39,6 +39,7 @@ def test_latency_smoke(tmp_path):
                                     ("dynexec", "native"), ("dynexec", "torch"), ("per-sample", "native")]:
                 assert (model, batch, method, backend) in methods
     # every round's times are in the JSON, and the ratios are their paired medians
+    assert result["speedup_estimator"].startswith("paired")
     rounds = {(g["model"], g["batch_size"]): g["times_ms"] for g in result["rounds"]}
     assert set(rounds) == {(m, b) for m in ("blockdrop110", "skipnet110-allon") for b in (1, 3)}
     for r in rows:
