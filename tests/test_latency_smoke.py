@@ -93,14 +93,20 @@ def test_conv_bound_smoke():
         assert 0.0 < float(ln[2]) <= 1.0 and float(ln[3]) > 0 and float(ln[5]) > 0
 
 
+def _latency_module():
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    try:
+        import latency
+    finally:
+        sys.path.pop(0)
+    return latency
+
+
 def test_timing_rounds_shuffle_the_method_order():
     """Every method is timed once per round on that round's batch, and no method always
     follows the same one (a fixed order would hand one method the caches another warmed)."""
-    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
-    try:
-        from latency import Method, time_methods
-    finally:
-        sys.path.pop(0)
+    latency = _latency_module()
+    Method, time_methods = latency.Method, latency.time_methods
     calls: list[tuple[str, int]] = []
     current: dict = {}
     batches = [torch.full((1,), float(i)) for i in range(3)]
@@ -124,11 +130,7 @@ def test_timing_rounds_shuffle_the_method_order():
 
 
 def test_a_busy_machine_is_reported(capsys):
-    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
-    try:
-        import latency
-    finally:
-        sys.path.pop(0)
+    latency = _latency_module()
     row = lambda method, med, p20, p80: {"method": method, "ms_median": med, "ms_p20": p20, "ms_p80": p80}
     # routed methods vary with the routing from round to round: only the dense engine counts
     quiet = [row("dense-engine", 10.0, 9.8, 10.3), row("dense-engine", 20.0, 19.5, 20.5),
@@ -143,15 +145,6 @@ def test_a_busy_machine_is_reported(capsys):
     latency.print_noise_warning(busy)
     out = capsys.readouterr().out
     assert "median 15% between p20 and p80" in out and "busy" in out
-
-
-def _latency_module():
-    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
-    try:
-        import latency
-    finally:
-        sys.path.pop(0)
-    return latency
 
 
 def test_paired_ratio_cancels_slowdowns_that_span_a_round():

@@ -102,7 +102,7 @@ class RowOrder {
   // row has moved.
   at::Tensor in_sample_order(const at::Tensor& x) const {
     if (!moved_) return x;
-    const int64_t n = x.size(0), row = x.numel() / std::max<int64_t>(1, n);
+    const int64_t n = x.size(0), row = rows_of(x).row_len;
     std::vector<int64_t> row_of(sample_.size());
     for (size_t j = 0; j < sample_.size(); ++j) row_of[sample_[j]] = static_cast<int64_t>(j);
     at::Tensor out = at::empty_like(x, at::MemoryFormat::ChannelsLast);
