@@ -34,6 +34,10 @@ int64_t onednn_plan_count() { return 0; }
 std::vector<std::string> onednn_plan_impls() { return {}; }
 #endif
 
+namespace cpu {
+bool winograd_supported();  // csrc/cpu/winograd_cpu.cpp
+}
+
 }  // namespace dynexec
 
 TORCH_LIBRARY(dynexec, m) {
@@ -57,6 +61,10 @@ TORCH_LIBRARY(dynexec, m) {
   // A classifier head: global average pooling, linear layer, optional sigmoid (a policy's
   // block probabilities) -> [N, K].
   m.def("pooled_linear(Tensor h, Tensor weight, Tensor bias, bool sigmoid) -> Tensor");
+  // Winograd F(2x2, 3x3) convolution, 3x3 stride 1 padding 1 (csrc/cpu/winograd_cpu.h)
+  m.def("winograd_weights(Tensor weight) -> Tensor");
+  m.def("conv3x3_winograd(Tensor x, Tensor weights, Tensor bias) -> Tensor");
+  m.def("winograd_supported() -> bool", &dynexec::cpu::winograd_supported);
   m.def("cuda_version() -> int", &dynexec::cuda_version);
   // oneDNN version (major*10000 + minor*100 + patch) behind torch.classes.dynexec.OneDnnChain
   // (csrc/onednn/), or 0 when the extension was built without it.

@@ -27,7 +27,7 @@ from .models.skipnet import BasicBlock as SNBasic, Bottleneck as SNBottleneck
 from .ops import reference
 
 
-CONV_IMPLS = ("auto", "onednn", "mkldnn", "aten")
+CONV_IMPLS = ("auto", "winograd", "onednn", "mkldnn", "aten")
 
 
 def onednn_packing_available() -> bool:
@@ -43,8 +43,15 @@ def onednn_direct_available() -> bool:
     return module is not None and torch.ops.dynexec.onednn_version() > 0
 
 
+def winograd_available() -> bool:
+    """dynexec._C has oneDNN primitives and this CPU runs the Winograd kernel (AVX2, FMA)."""
+    return onednn_direct_available() and torch.ops.dynexec.winograd_supported()
+
+
 def resolve_conv_impl(requested: str) -> str:
     """The convolution implementation of CPU float32 NHWC programs:
+    'winograd' - 'onednn', with the 3x3 stride-1 convolutions (channels multiples of 8
+               in, 16 out) on dynexec's Winograd F(2x2, 3x3) kernel (csrc/cpu/winograd_cpu.h);
     'onednn' - primitives created once and executed directly by dynexec._C (fastest: no
                per-call descriptor work, which dominates small routed sub-batches);
     'mkldnn' - torch's oneDNN op on weights pre-packed once;
@@ -56,10 +63,15 @@ def resolve_conv_impl(requested: str) -> str:
         raise ValueError("convolutions='onednn' needs dynexec._C built with oneDNN "
                          "(pip install onednn-cpu-gomp onednn-devel-cpu-gomp, then rebuild); "
                          "use 'mkldnn' or 'auto'")
+    if requested == "winograd" and not winograd_available():
+        raise ValueError("convolutions='winograd' needs dynexec._C built with oneDNN and a CPU with "
+                         "AVX2 and FMA; use 'onednn' or 'auto'")
     if requested == "mkldnn" and not onednn_packing_available():
         raise ValueError("convolutions='mkldnn' needs a torch built with oneDNN; use 'aten' or 'auto'")
     if requested != "auto":
         return requested
+    if winograd_available():
+        return "winograd"
     if onednn_direct_available():
         return "onednn"
     return "mkldnn" if onednn_packing_available() else "aten"
@@ -180,6 +192,8 @@ class FoldedChain:
         fused = torch.classes.dynexec.OneDnnChain(
             [c.weight for c in self.convs], [c.bias for c in self.convs],
             [c.stride for c in self.convs], [c.padding for c in self.convs], self.convs[-1].relu)
+        if impl == "winograd":
+            fused.enable_winograd()
         return FoldedChain(self.convs, fused)
 
     @property
@@ -494,7 +508,7 @@ def lower(model: RoutedModel, fold_bn: bool = True, channels_last: bool = False,
     blocks = tuple(_lower_block(v, fold_bn, pack) for v in model.block_views())
     gate_runner = lower_gates(model, fuse=fold_bn) if model.router == "online" else None
     # The heads run as one kernel when the extension that has it is built.
-    native_heads = pack == "onednn"
+    native_heads = pack in ("onednn", "winograd")
     policy = None
     if model.router == "planned":
         agent = model.policy_network()

@@ -141,7 +141,8 @@ def test_compile_errors():
         engine(x, routing=torch.ones(2, 8))
 
 
-CONV_IMPLS = [c for c, ok in (("onednn", dynexec.program.onednn_direct_available()),
+CONV_IMPLS = [c for c, ok in (("winograd", dynexec.program.winograd_available()),
+                                ("onednn", dynexec.program.onednn_direct_available()),
                                 ("mkldnn", dynexec.program.onednn_packing_available())) if ok]
 
 
@@ -157,10 +158,12 @@ def test_packed_convolutions_used_and_exact_layout(family, backend, convolutions
     plain = dynexec.compile(model, backend=backend, channels_last=False)
     assert packed.program.convolutions == convolutions and f"convolutions={convolutions}" in repr(packed)
     for b in packed.program.blocks:
-        if convolutions == "onednn":
+        if convolutions in ("onednn", "winograd"):
             assert b.branch.fused is not None
         else:
             assert all(c.packed is not None for c in b.branch.convs)
+    if convolutions == "winograd":  # the 3x3 stride-1 convolutions of the blocks run on it
+        assert sum(b.branch.fused.winograd_convs() for b in packed.program.blocks) > 0
     assert all(c.packed is None for b in plain.program.blocks for c in b.branch.convs)
     assert all(b.branch.fused is None for b in plain.program.blocks)
     for n in (7, 1, 3):
@@ -175,8 +178,8 @@ def test_packed_convolutions_used_and_exact_layout(family, backend, convolutions
 
 def test_unknown_or_unavailable_convolutions_are_refused():
     model = make_model("blockdrop-cifar")
-    with pytest.raises(ValueError, match="convolutions must be one of auto, onednn, mkldnn, aten"):
-        dynexec.compile(model, convolutions="winograd")
+    with pytest.raises(ValueError, match="convolutions must be one of auto, winograd, onednn, mkldnn, aten"):
+        dynexec.compile(model, convolutions="fft")
     aten = dynexec.compile(model, convolutions="aten")
     assert all(c.packed is None for b in aten.program.blocks for c in b.branch.convs)
 

@@ -20,10 +20,14 @@ pytestmark = pytest.mark.skipif(not onednn_direct_available(),
                                 reason="dynexec._C was built without oneDNN (see setup.py)")
 CL = torch.channels_last
 TOL = dict(rtol=1e-4, atol=1e-4)
+# Every chain test runs on oneDNN's convolutions and, where this CPU has AVX2 and FMA, with
+# the eligible 3x3 stride-1 convolutions on dynexec's Winograd kernel (enable_winograd).
+WINOGRAD = [False] + ([True] if onednn_direct_available() and torch.ops.dynexec.winograd_supported() else [])
 
 
-def make_chain(channels, strides, paddings, kernels, relu_last=False, seed=0):
-    """A random chain: conv i maps channels[i] -> channels[i+1]."""
+def make_chain(channels, strides, paddings, kernels, relu_last=False, seed=0, winograd=False):
+    """A random chain: conv i maps channels[i] -> channels[i+1]; with ``winograd``, its
+    eligible convolutions run on the Winograd kernel (checked: as many as expected)."""
     gen = torch.Generator().manual_seed(seed)
     weights, biases = [], []
     for i, k in enumerate(kernels):
@@ -31,6 +35,10 @@ def make_chain(channels, strides, paddings, kernels, relu_last=False, seed=0):
         weights.append(torch.randn(channels[i + 1], channels[i], k, k, generator=gen) / fan_in ** 0.5)
         biases.append(torch.randn(channels[i + 1], generator=gen) * 0.1)
     chain = torch.classes.dynexec.OneDnnChain(weights, biases, list(strides), list(paddings), relu_last)
+    if winograd:
+        eligible = sum(k == 3 and s == 1 and p == 1 and channels[i] % 8 == 0 and channels[i + 1] % 16 == 0
+                       for i, (k, s, p) in enumerate(zip(kernels, strides, paddings)))
+        assert chain.enable_winograd() == eligible == chain.winograd_convs()
     return chain, (weights, biases, strides, paddings, relu_last)
 
 
@@ -61,9 +69,10 @@ def _x(n, c, size, seed=1, layout="cl"):
 
 @pytest.mark.parametrize("shape", list(SHAPES))
 @pytest.mark.parametrize("layout", ["cl", "nchw", "strided"])
-def test_forward_matches_conv2d_for_every_sub_batch_size(shape, layout):
+@pytest.mark.parametrize("winograd", WINOGRAD)
+def test_forward_matches_conv2d_for_every_sub_batch_size(shape, layout, winograd):
     spec_kw, c, size = SHAPES[shape]
-    chain, spec = make_chain(**spec_kw, seed=3)
+    chain, spec = make_chain(**spec_kw, seed=3, winograd=winograd)
     for n in (5, 1, 0, 2, 7, 16, 3):  # first call at 5: the weight layout is chosen there
         x = _x(n, c, size, seed=n, layout=layout)
         y = chain.forward(x)
@@ -83,9 +92,10 @@ def test_stem_chain_applies_its_last_relu_and_refuses_adds():
 
 @pytest.mark.parametrize("shape", list(SHAPES))
 @pytest.mark.parametrize("residual_layout", ["cl", "nchw"])
-def test_add_and_add_relu_and_pool_in_place(shape, residual_layout):
+@pytest.mark.parametrize("winograd", WINOGRAD)
+def test_add_and_add_relu_and_pool_in_place(shape, residual_layout, winograd):
     spec_kw, c, size = SHAPES[shape]
-    chain, spec = make_chain(**spec_kw, seed=5)
+    chain, spec = make_chain(**spec_kw, seed=5, winograd=winograd)
     for n in (3, 1, 8):
         x = _x(n, c, size, seed=10 + n)
         ref = reference(spec, x)
@@ -107,8 +117,9 @@ def test_add_and_add_relu_and_pool_in_place(shape, residual_layout):
 
 @pytest.mark.parametrize("rows", ["none", "one", "some", "all"])
 @pytest.mark.parametrize("pool", [False, True])
-def test_routed_step_touches_only_the_routed_rows(rows, pool):
-    chain, spec = make_chain(**BASIC, seed=6)
+@pytest.mark.parametrize("winograd", WINOGRAD)
+def test_routed_step_touches_only_the_routed_rows(rows, pool, winograd):
+    chain, spec = make_chain(**BASIC, seed=6, winograd=winograd)
     n, c, size = 9, 16, 9
     gen = torch.Generator().manual_seed(7)
     mask = {"none": torch.zeros(n, dtype=torch.bool), "one": torch.arange(n) == 4,
@@ -133,9 +144,10 @@ def test_routed_step_touches_only_the_routed_rows(rows, pool):
         torch.testing.assert_close(pooled[mask].double(), expect[mask].mean((2, 3)), **TOL)
 
 
-def test_routed_step_in_place_on_its_own_input():
+@pytest.mark.parametrize("winograd", WINOGRAD)
+def test_routed_step_in_place_on_its_own_input(winograd):
     """The engine scatters an identity block's result into the block input itself."""
-    chain, spec = make_chain(**BASIC, seed=9)
+    chain, spec = make_chain(**BASIC, seed=9, winograd=winograd)
     h = _x(6, 16, 8, seed=2)
     idx, _ = torch.ops.dynexec.partition(torch.tensor([1, 0, 1, 1, 0, 1], dtype=torch.bool))
     expect = h.double().clone()
@@ -144,8 +156,9 @@ def test_routed_step_in_place_on_its_own_input():
     torch.testing.assert_close(h.double(), expect, **TOL)
 
 
-def test_nan_propagates_through_every_relu():
-    chain, _ = make_chain(**BASIC, seed=10)
+@pytest.mark.parametrize("winograd", WINOGRAD)
+def test_nan_propagates_through_every_relu(winograd):
+    chain, _ = make_chain(**BASIC, seed=10, winograd=winograd)
     x = _x(2, 16, 8)
     x[0, 3, 4, 4] = float("nan")
     y = chain.forward(x)
@@ -155,8 +168,9 @@ def test_nan_propagates_through_every_relu():
     assert r[0].isnan().any() and not r[1].isnan().any()
 
 
-def test_concurrent_calls_from_two_threads():
-    chain, spec = make_chain(**BASIC, seed=11)
+@pytest.mark.parametrize("winograd", WINOGRAD)
+def test_concurrent_calls_from_two_threads(winograd):
+    chain, spec = make_chain(**BASIC, seed=11, winograd=winograd)
     errors = []
 
     def work(seed):

@@ -413,18 +413,16 @@ class BlockLoop : public torch::CustomClassHolder {
     const onednn::Nhwc expected = b.branch->checked_output(onednn::nhwc_of(h));
     onednn::Nhwc routed = onednn::nhwc_of(h);
     routed.n = active;
-    const int64_t routed_numel = active * expected.h * expected.w * expected.c;
     if (b.identity()) {
       check_output(h, expected);
       // Rows the block skips keep their values, and their cached means (block 0 has none).
       const bool pool_rows = pool && pooled.defined();
       float* hp = h.data_ptr<float>();
       if (active > 0) {
-        b.branch->add_into(routed, hp, ws);
+        // the ReLU in the last convolution's pass, or with the pooling in one of its own
+        b.branch->add_into(routed, hp, ws, /*relu=*/!pool_rows);
         if (pool_rows) {
           cpu::relu_pool_nhwc_f32(hp, active, h.size(1), h.size(2) * h.size(3), pooled.data_ptr<float>());
-        } else {
-          cpu::relu_f32(hp, routed_numel);
         }
       }
       if (pool && !pool_rows) pooled = h.mean({2, 3}).contiguous();
@@ -433,9 +431,7 @@ class BlockLoop : public torch::CustomClassHolder {
     at::Tensor out = shortcut(b, h).contiguous(at::MemoryFormat::ChannelsLast);
     check_output(out, expected);
     if (active > 0) {  // skipped rows keep the shortcut's output
-      float* o = out.data_ptr<float>();
-      b.branch->add_into(routed, o, ws);
-      cpu::relu_f32(o, routed_numel);
+      b.branch->add_into(routed, out.data_ptr<float>(), ws, /*relu=*/true);
     }
     if (pool) pooled = out.mean({2, 3}).contiguous();
     return out;

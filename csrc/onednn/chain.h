@@ -93,6 +93,18 @@ class OneDnnChain : public torch::CustomClassHolder {
 
   int64_t num_convs() const { return static_cast<int64_t>(convs_.size()); }
 
+  // Moves the eligible convolutions (3x3, stride 1, padding 1, channels multiples of 8 in
+  // and 16 out, AVX2 + FMA) onto the Winograd F(2x2, 3x3) kernel (PackedConv::enable_winograd);
+  // returns how many now run there. For compile time, before the chain is shared.
+  int64_t enable_winograd() {
+    for (auto& conv : convs_) conv->enable_winograd();
+    return winograd_convs();
+  }
+
+  int64_t winograd_convs() const {
+    return std::count_if(convs_.begin(), convs_.end(), [](const auto& c) { return c->uses_winograd(); });
+  }
+
   // ---- For BlockLoop: NHWC-dense float32 activations, intermediates in a Workspace, no
   // per-call checks or allocations (BlockLoop validated its inputs once).
 
@@ -107,8 +119,8 @@ class OneDnnChain : public torch::CustomClassHolder {
   }
 
   // residual += chain(x) (residual: x's output shape), the add being the last
-  // convolution's sum post-op.
-  void add_into(const onednn::Nhwc& x, float* residual, Workspace& ws) {
+  // convolution's sum post-op; then residual = relu(residual) when relu.
+  void add_into(const onednn::Nhwc& x, float* residual, Workspace& ws, bool relu = false) {
     onednn::Nhwc y = x;
     for (size_t i = 0; i + 1 < convs_.size(); ++i) y = conv_into(i, y, ws);
     if (y.data == residual) {  // a one-convolution branch on its own residual: read a copy
@@ -116,7 +128,7 @@ class OneDnnChain : public torch::CustomClassHolder {
       std::copy(y.data, y.data + y.numel(), copy);
       y.data = copy;
     }
-    convs_.back()->run(y, residual, /*sum=*/true);
+    convs_.back()->run(y, residual, /*sum=*/true, relu);
   }
 
  private:
@@ -126,8 +138,7 @@ class OneDnnChain : public torch::CustomClassHolder {
     onednn::PackedConv& conv = *convs_[i];
     onednn::Nhwc y = conv.output_of(x, nullptr);
     y.data = ws.get(i % 2 == 0 ? Workspace::kFirst : Workspace::kSecond, y.numel());
-    conv.run(x, y.data, /*sum=*/false);
-    if (i + 1 < convs_.size()) cpu::relu_f32(y.data, y.numel());
+    conv.run(x, y.data, /*sum=*/false, /*relu=*/i + 1 < convs_.size());
     return y;
   }
 

@@ -1,5 +1,8 @@
 #include "packed_conv.h"
 
+#include "../cpu/regroup_cpu.h"
+#include "../cpu/winograd_cpu.h"
+
 #include <ATen/MemoryOverlap.h>
 #include <ATen/Parallel.h>
 #include <ATen/record_function.h>
@@ -227,7 +230,31 @@ const memory& PackedConv::packed_for(const memory::desc& wei_md) {
   return pack.weights_memory;
 }
 
-void PackedConv::run(const Nhwc& x, float* out, bool sum) {
+bool PackedConv::enable_winograd() {
+  if (kh_ != 3 || kw_ != 3 || stride_ != 1 || padding_ != 1 || ic_ % 8 != 0 || oc_ % 16 != 0 ||
+      !cpu::winograd_supported()) {
+    return false;
+  }
+  if (!winograd_weights_.defined()) {
+    at::Tensor U = at::empty({16, ic_, oc_}, weight_.options());
+    cpu::winograd_weights_f32(weight_.const_data_ptr<float>(), ic_, oc_, U.data_ptr<float>());
+    winograd_weights_ = U;
+  }
+  return true;
+}
+
+void PackedConv::run(const Nhwc& x, float* out, bool sum, bool relu) {
+  if (winograd_weights_.defined()) {
+    RECORD_FUNCTION(sum ? "dynexec::winograd_conv_add_" : "dynexec::winograd_conv", std::vector<c10::IValue>());
+    cpu::winograd_conv3x3_nhwc_f32(x.data, x.n, x.h, x.w, ic_, oc_, winograd_weights_.const_data_ptr<float>(),
+                                   bias_.const_data_ptr<float>(), sum, relu, out);
+    return;
+  }
+  run_onednn(x, out, sum);
+  if (relu) cpu::relu_f32(out, output_of(x, out).numel());
+}
+
+void PackedConv::run_onednn(const Nhwc& x, float* out, bool sum) {
   // Visible to torch.profiler like an op (the class methods bypass the dispatcher).
   RECORD_FUNCTION(sum ? "dynexec::onednn_conv_add_" : "dynexec::onednn_conv", std::vector<c10::IValue>());
   if (x.n == 0) return;

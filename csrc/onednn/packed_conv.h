@@ -51,12 +51,21 @@ class PackedConv {
   // forward / add_: x.c == in_channels() and out has x.n samples of output_hw(x) x
   // out_channels() (the caller, OneDnnChain, sizes its buffers so). Allocates nothing
   // once this thread has run the same geometry and batch size before.
-  void run(const Nhwc& x, float* out, bool sum);
+  // With relu, then out = relu(out) (torch's ReLU: NaN and -0.0 kept), fused into the
+  // Winograd kernel's output transform, a separate pass after a oneDNN primitive.
+  void run(const Nhwc& x, float* out, bool sum, bool relu = false);
   // The output of x: [x.n, oh, ow, out_channels()].
   Nhwc output_of(const Nhwc& x, float* data) const;
   // Checks that x has in_channels() channels and room for the kernel (forward checks
   // its input with it too), for callers of run.
   void check_input(const Nhwc& x) const;
+
+  // Runs this convolution with dynexec's Winograd F(2x2, 3x3) kernel from now on
+  // (csrc/cpu/winograd_cpu.h) when it is eligible — 3x3, stride 1, padding 1, input
+  // channels a multiple of 8, output channels of 16, a CPU with AVX2 and FMA; returns
+  // whether it does. Call before the convolution is shared between threads.
+  bool enable_winograd();
+  bool uses_winograd() const { return winograd_weights_.defined(); }
 
   int64_t in_channels() const { return ic_; }
   int64_t out_channels() const { return oc_; }
@@ -65,6 +74,7 @@ class PackedConv {
   at::Tensor checked_input(const at::Tensor& x) const;
   std::array<int64_t, 4> output_shape(const at::Tensor& x) const;
   const dnnl::memory& packed_for(const dnnl::memory::desc& wei_md);
+  void run_onednn(const Nhwc& x, float* out, bool sum);
 
   struct Pack {
     at::Tensor storage;
@@ -75,6 +85,7 @@ class PackedConv {
 
   std::string name_;
   at::Tensor weight_, bias_;
+  at::Tensor winograd_weights_;  // [16, IC, OC] when enable_winograd() took
   int64_t oc_, ic_, kh_, kw_, stride_, padding_;
   dnnl::memory bias_memory_;
   std::mutex packs_mu_;

@@ -23,7 +23,9 @@ TORCH_LIBRARY_FRAGMENT(dynexec, m) {
       .def("add_relu_pool_", &OneDnnChain::add_relu_pool_)
       .def("rows_add_relu_", &OneDnnChain::rows_add_relu_)
       .def("rows_add_relu_pool_", &OneDnnChain::rows_add_relu_pool_)
-      .def("num_convs", &OneDnnChain::num_convs);
+      .def("num_convs", &OneDnnChain::num_convs)
+      .def("enable_winograd", &OneDnnChain::enable_winograd)
+      .def("winograd_convs", &OneDnnChain::winograd_convs);
   using dynexec::BlockLoop;
   m.class_<BlockLoop>("BlockLoop")
       .def(torch::init<>())

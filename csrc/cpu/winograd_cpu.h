@@ -1,0 +1,36 @@
+// Winograd F(2x2, 3x3) convolution for float32 NHWC activations on x86 CPUs with AVX2 and
+// FMA: 3x3 kernel, stride 1, padding 1 (the residual branches of CIFAR ResNets).
+//
+// Why: a direct 3x3 convolution (oneDNN's brgconv) does 9 * C * K multiply-adds per output
+// pixel; F(2x2, 3x3) computes a 2x2 output tile from a 4x4 input tile with 16 * C * K
+// multiply-adds in the transformed domain (2.25x fewer) plus the tile transforms, whose
+// cost grows with C + K rather than C * K. Measured in a standalone prototype against
+// oneDNN 3.2's brgconv:avx2, one thread: 1.2-1.3x at 32 and 64 channels, ~1.0-1.1x at 16
+// (the transforms dominate there). Rounding differs from a direct convolution by a few
+// units of 1e-7 relative (the transforms add and subtract neighbours).
+//
+// Layout of the transformed weights U: [16][C][K] (position p = 4 * i + j of the 4x4 tile,
+// input channel, output channel), built once by winograd_weights_f32.
+#pragma once
+
+#include <cstdint>
+
+namespace dynexec {
+namespace cpu {
+
+// True when this CPU runs the kernels below (AVX2 and FMA).
+bool winograd_supported();
+
+// U [16, C, K] from weight [K, C, 3, 3] (contiguous).
+void winograd_weights_f32(const float* weight, int64_t C, int64_t K, float* U);
+
+// out[n] = conv3x3(x[n]) + bias (+ out[n] when accumulate) for n images of H x W x C
+// (NHWC-dense) into H x W x K, then ReLU when relu (torch's: NaN and -0.0 kept);
+// C % 8 == 0 and K % 16 == 0 (checked by the callers).
+// Parallel over groups of tiles with ATen's intra-op threads (inline inside a parallel
+// region, e.g. a BlockLoop shard).
+void winograd_conv3x3_nhwc_f32(const float* x, int64_t n, int64_t H, int64_t W, int64_t C, int64_t K,
+                               const float* U, const float* bias, bool accumulate, bool relu, float* out);
+
+}  // namespace cpu
+}  // namespace dynexec

@@ -1,0 +1,101 @@
+"""dynexec's Winograd F(2x2, 3x3) convolution (torch.ops.dynexec.winograd_weights /
+conv3x3_winograd, csrc/cpu/winograd_cpu.h) against F.conv2d in float64 on fresh seeded
+random data: every channel count it takes, even / odd / 1x1 / 2x3 images (partial edge
+tiles), empty / single / odd batches, NCHW, channels_last and non-contiguous inputs,
+one and two threads, and bad arguments. Its use inside OneDnnChain is tested with the
+chain (tests/test_onednn_chain.py), inside the engine in tests/test_engine.py."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import dynexec  # noqa: F401  (loads dynexec._C)
+
+pytestmark = pytest.mark.skipif(not torch.ops.dynexec.winograd_supported(),
+                                reason="this CPU has no AVX2 + FMA (the Winograd kernel's instruction set)")
+CL = torch.channels_last
+
+
+def _conv(C, K, seed):
+    gen = torch.Generator().manual_seed(seed)
+    w = torch.randn(K, C, 3, 3, generator=gen) / (9 * C) ** 0.5
+    return w, torch.randn(K, generator=gen) * 0.1
+
+
+def _check(x, w, b):
+    y = torch.ops.dynexec.conv3x3_winograd(x, torch.ops.dynexec.winograd_weights(w), b)
+    want = F.conv2d(x.double(), w.double(), b.double(), padding=1)
+    assert y.shape == want.shape and y.dtype == torch.float32
+    assert y.is_contiguous(memory_format=CL)
+    # float32 direct convolutions are off by a few 1e-7 relative too (see winograd_cpu.h)
+    torch.testing.assert_close(y.double(), want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("C,K", [(8, 16), (16, 16), (16, 32), (32, 32), (64, 64), (24, 48)])
+@pytest.mark.parametrize("size", [(32, 32), (9, 9), (7, 4), (2, 3), (1, 1)])
+def test_matches_conv2d(C, K, size):
+    w, b = _conv(C, K, seed=C + K)
+    for n in (3, 1, 0):
+        x = torch.randn(n, C, *size, generator=torch.Generator().manual_seed(n + size[0]))
+        _check(x.contiguous(memory_format=CL), w, b)
+
+
+@pytest.mark.parametrize("layout", ["nchw", "cl", "strided", "channel-slice"])
+def test_any_input_layout(layout):
+    w, b = _conv(16, 32, seed=1)
+    x = torch.randn(5, 16, 10, 11, generator=torch.Generator().manual_seed(2))
+    if layout == "cl":
+        x = x.contiguous(memory_format=CL)
+    elif layout == "strided":  # every other sample of a larger batch
+        x = torch.cat([x, x]).contiguous(memory_format=CL)[::2]
+    elif layout == "channel-slice":
+        x = torch.cat([x, x], dim=1)[:, 8:24]
+    _check(x, w, b)
+
+
+def test_one_and_two_threads_agree_bitwise():
+    w, b = _conv(32, 32, seed=3)
+    U = torch.ops.dynexec.winograd_weights(w)
+    x = torch.randn(7, 32, 16, 16, generator=torch.Generator().manual_seed(4)).contiguous(memory_format=CL)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = torch.ops.dynexec.conv3x3_winograd(x, U, b)
+        torch.set_num_threads(2)
+        two = torch.ops.dynexec.conv3x3_winograd(x, U, b)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(one, two)  # each tile is computed the same way on whichever thread
+
+
+def test_nan_and_inf_inputs_stay_in_their_sample():
+    w, b = _conv(16, 16, seed=5)
+    x = torch.randn(3, 16, 8, 8, generator=torch.Generator().manual_seed(6))
+    x[0, 2, 3, 3] = float("nan")
+    x[2, 5, 0, 7] = float("inf")
+    y = torch.ops.dynexec.conv3x3_winograd(x, torch.ops.dynexec.winograd_weights(w), b)
+    assert y[0].isnan().any() and not y[0, :, 6:, :].isnan().any()  # only tiles near the NaN
+    assert y[1].isfinite().all()
+    assert not y[2].isfinite().all()
+
+
+def test_bad_arguments_name_what_was_expected():
+    w, b = _conv(16, 16, seed=7)
+    U = torch.ops.dynexec.winograd_weights(w)
+    with pytest.raises(RuntimeError, match=r"C a multiple of 8 and K a multiple of 16, got Float with shape \[16, 12, 3, 3\]"):
+        torch.ops.dynexec.winograd_weights(torch.randn(16, 12, 3, 3))
+    with pytest.raises(RuntimeError, match="multiple of 16"):
+        torch.ops.dynexec.winograd_weights(torch.randn(8, 8, 3, 3))
+    with pytest.raises(RuntimeError, match=r"weight \[K, C, 3, 3\]"):
+        torch.ops.dynexec.winograd_weights(torch.randn(16, 16, 5, 5))
+    with pytest.raises(RuntimeError, match="float32 weight"):
+        torch.ops.dynexec.winograd_weights(w.double())
+    with pytest.raises(RuntimeError, match=r"transformed weights \[16, C, K\]"):
+        torch.ops.dynexec.conv3x3_winograd(torch.randn(1, 16, 4, 4), w, b)
+    with pytest.raises(RuntimeError, match=r"float32 input \[N, 16, H, W\], got Float with shape \[1, 8, 4, 4\]"):
+        torch.ops.dynexec.conv3x3_winograd(torch.randn(1, 8, 4, 4), U, b)
+    with pytest.raises(RuntimeError, match=r"float32 input"):
+        torch.ops.dynexec.conv3x3_winograd(torch.randn(1, 16, 4, 4, dtype=torch.float64), U, b)
+    with pytest.raises(RuntimeError, match=r"float32 bias \[16\], got Float with shape \[15\]"):
+        torch.ops.dynexec.conv3x3_winograd(torch.randn(1, 16, 4, 4), U, torch.randn(15))
