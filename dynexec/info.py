@@ -30,11 +30,13 @@ def _op_rows(backend: str, ok: bool) -> list[tuple[str, str]]:
 
 
 def _conv_report() -> str:
-    from .program import onednn_direct_available, onednn_packing_available, resolve_conv_impl
+    from .program import (onednn_direct_available, onednn_packing_available, resolve_conv_impl,
+                          winograd_available)
     version = int(torch.ops.dynexec.onednn_version()) if onednn_direct_available() else 0
     onednn = (f"available (oneDNN {version // 10000}.{version // 100 % 100}.{version % 100})"
               if version else "unavailable (dynexec._C built without oneDNN)")
-    return (f"auto -> {resolve_conv_impl('auto')}; onednn {onednn}; "
+    winograd = "available" if winograd_available() else "unavailable (needs oneDNN and AVX2 + FMA)"
+    return (f"auto -> {resolve_conv_impl('auto')}; winograd {winograd}; onednn {onednn}; "
             f"mkldnn {'available' if onednn_packing_available() else 'unavailable'}; aten available")
 
 
