@@ -2,7 +2,7 @@
 
     python benchmarks/kernels.py [--device cpu|cuda] [--backends native,triton,torch]
                                  [--quick] [--json PATH] [--threads N] [--rounds R]
-                                 [--stat median|min] [--sections ops,fused] [--fused-smoke]
+                                 [--stat median|min] [--sections ops,fused,winograd] [--fused-smoke]
 
 Section "ops": for every op and shape, the best PyTorch composition of the work (the
 baseline) and every selected backend (dynexec.ops.get_backend: native = the C++/CUDA
@@ -33,6 +33,12 @@ The baseline is given the active count as a host int (it does not pay the device
 sync that the fused kernel avoids). The fused launch is sized for the full batch and
 reads the count on the device. Each case is checked (allclose with a dtype tolerance)
 before it is timed. fp32 means TF32 on CUDA (cuDNN and the kernel both allow it).
+
+Section "winograd" (CPU): dynexec's Winograd F(2x2, 3x3) kernel against oneDNN's direct
+convolution (the engine's convolutions="winograd" vs "onednn") on the CIFAR ResNets' 3x3
+stride-1 convolutions, 16 / 32 / 64 channels at 32x32 / 16x16 / 8x8, NHWC, folded-BN bias:
+the same single-convolution OneDnnChain, once as created and once after enable_winograd.
+Both are checked against F.conv2d in float64 first. Ratio = oneDNN / Winograd.
 
 Devices: on CUDA everything is timed with torch.utils.benchmark (it synchronises). On
 CPU the Triton code runs only under the interpreter (TRITON_INTERPRET=1 set before
@@ -655,6 +661,54 @@ def run_fused(args, device: torch.device, threads: int, smoke: bool) -> tuple[li
     return results, all_ok
 
 
+WINOGRAD_GEOMETRIES = ((16, 32), (32, 16), (64, 8))  # (channels, image size) of CIFAR ResNets
+
+
+def winograd_cases(quick: bool) -> list[tuple[int, int, int]]:
+    """(channels, size, batch) of the winograd section."""
+    batches = (1, 16) if quick else (1, 4, 16, 32)
+    return [(c, size, n) for c, size in WINOGRAD_GEOMETRIES for n in batches]
+
+
+def run_winograd(args, threads: int) -> tuple[list[dict], bool]:
+    from dynexec.program import winograd_available
+    if not winograd_available():
+        print("winograd section skipped: needs dynexec._C with oneDNN and a CPU with AVX2 + FMA")
+        return [], True
+    gen = torch.Generator().manual_seed(2)
+    results, all_ok = [], True
+    print(f"{'conv3x3':<22} {'batch':>5} {'oneDNN [us]':>12} {'Winograd [us]':>14} {'ratio':>7} {'max err':>9}")
+    print("-" * 74)
+    for c, size, n in winograd_cases(args.quick):
+        w = torch.randn(c, c, 3, 3, generator=gen) / (9 * c) ** 0.5
+        b = torch.randn(c, generator=gen) * 0.1
+        chains = []
+        for winograd in (False, True):
+            chain = torch.classes.dynexec.OneDnnChain([w], [b], [1], [1], False)
+            if winograd and chain.enable_winograd() != 1:
+                raise RuntimeError(f"conv3x3 {c}->{c}: the Winograd kernel did not take it")
+            chains.append(chain)
+        x = torch.randn(n, c, size, size, generator=gen).contiguous(memory_format=torch.channels_last)
+        want = F.conv2d(x.double(), w.double(), b.double(), padding=1)
+        err = max((ch.forward(x).double() - want).abs().max().item() for ch in chains)
+        ok = err <= 1e-4
+        label = f"{c}->{c} at {size}x{size}"
+        row = dict(section="winograd", device="cpu", op="conv3x3", channels=c, size=size, batch=n,
+                   layout="nhwc", active=1.0, dtype="fp32", timing="blocked_autorange",
+                   baseline="onednn", backend="winograd", ok=ok, max_err=err)
+        if not ok:
+            all_ok = False
+            row.update(baseline_us=None, backend_us=None, ratio=None)
+            print(f"{label:<22} {n:>5} MISMATCH max err {err:.3g}", flush=True)
+        else:
+            tb, tw = compare_us([lambda: chains[0].forward(x), lambda: chains[1].forward(x)],
+                                args.min_run_time, threads, args.rounds)
+            row.update(baseline_us=tb, backend_us=tw, ratio=tb / tw)
+            print(f"{label:<22} {n:>5} {tb:>12.1f} {tw:>14.1f} {tb / tw:>6.2f}x {err:>9.2g}", flush=True)
+        results.append(row)
+    return results, all_ok
+
+
 # ---- main -------------------------------------------------------------------------------
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
@@ -674,7 +728,7 @@ def main(argv=None) -> int:
                    help="comma-separated subset of native,triton,torch for the ops section "
                         "(default: every one available on the device)")
     p.add_argument("--sections", default=None,
-                   help="comma-separated subset of ops,fused (default: both; with --fused-smoke: fused)")
+                   help="comma-separated subset of ops,fused,winograd (default: all; with --fused-smoke: fused)")
     p.add_argument("--fused-smoke", action="store_true",
                    help="fused section with tiny shapes (on CPU needs TRITON_INTERPRET=1)")
     p.add_argument("--min-run-time", type=float, default=None,
@@ -683,11 +737,11 @@ def main(argv=None) -> int:
     global STAT
     STAT = args.stat
     device = resolve_device(args.device)
-    sections = (args.sections or ("fused" if args.fused_smoke else "ops,fused")).split(",")
+    sections = (args.sections or ("fused" if args.fused_smoke else "ops,fused,winograd")).split(",")
     sections = [s.strip() for s in sections if s.strip()]
     for s in sections:
-        if s not in ("ops", "fused"):
-            p.error(f"--sections: unknown section {s!r}; expected ops and/or fused")
+        if s not in ("ops", "fused", "winograd"):
+            p.error(f"--sections: unknown section {s!r}; expected some of ops, fused, winograd")
     if args.fused_smoke and device.type == "cpu" and not interpreter_on():
         print("--fused-smoke on CPU needs TRITON_INTERPRET=1 in the environment (set before "
               "Python starts)", file=sys.stderr)
@@ -747,6 +801,14 @@ def main(argv=None) -> int:
             results += rows
             ok &= ok_f
             fused_ran = True
+    if "winograd" in sections:
+        print("\n== Winograd F(2x2, 3x3) vs oneDNN's direct convolution (CPU, NHWC; ratio = oneDNN / Winograd)")
+        if device.type != "cpu":
+            print("skipped: a CPU kernel (run with --device cpu)")
+        else:
+            rows, ok_w = run_winograd(args, threads)
+            results += rows
+            ok &= ok_w
     if not ok:
         print("\nSOME RESULTS DIFFER FROM THE BASELINE (see FAILED / MISMATCH above)", file=sys.stderr)
 

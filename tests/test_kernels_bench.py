@@ -185,9 +185,9 @@ def test_quick_cpu_ops_run(tmp_path):
     assert data["device"] == "cpu" and data["gpu"] is None and data["quick"] and data["all_ok"]
     assert data["threads"] == 1 and not data["interpreter"] and not data["fused_ran"]
     assert "triton" not in data["backends"] and "torch" in data["backends"]
-    rows = data["results"]
+    assert {r["section"] for r in data["results"]} <= {"ops", "winograd"}  # (winograd: next test)
+    rows = [r for r in data["results"] if r["section"] == "ops"]
     assert rows and all(ROW_FIELDS <= set(r) for r in rows)
-    assert {r["section"] for r in rows} == {"ops"}
     assert {r["op"] for r in rows} == {"partition", "gather_rows", "scatter_relu_", "downsample_b",
                                        "relu_pool_", "scatter_pool_", "gate_step"}
     assert {r["backend"] for r in rows} == set(data["backends"])
@@ -221,3 +221,19 @@ def test_fused_smoke_under_interpreter(tmp_path):
         assert r["count"] == kb.count_for(r["active"], r["batch"])
         assert r["baseline_us"] > 0 and r["backend_us"] > 0
     assert kb.INTERPRETER_NOTE in stdout
+
+
+def test_quick_cpu_winograd_run(tmp_path):
+    from dynexec.program import winograd_available
+    if not winograd_available():
+        pytest.skip("no Winograd kernel here (needs dynexec._C with oneDNN and AVX2 + FMA)")
+    data, stdout = _run(["--quick", "--device", "cpu", "--threads", "1", "--rounds", "1",
+                         "--min-run-time", "0.01", "--sections", "winograd"], {}, tmp_path, "winograd", timeout=90)
+    assert data["all_ok"] and data["sections"] == ["winograd"]
+    rows = data["results"]
+    assert {(r["channels"], r["size"], r["batch"]) for r in rows} == set(kb.winograd_cases(quick=True))
+    for r in rows:
+        assert ROW_FIELDS <= set(r) and r["ok"] and r["max_err"] <= 1e-4
+        assert r["baseline"] == "onednn" and r["backend"] == "winograd"
+        assert r["ratio"] == pytest.approx(r["baseline_us"] / r["backend_us"])
+    assert "Winograd F(2x2, 3x3) vs oneDNN" in stdout
