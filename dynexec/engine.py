@@ -57,7 +57,7 @@ class Engine:
         ``max_batch_size`` (zero inputs, forced routings), so that the convolution
         primitives of all of them exist before serving: the first call that meets a new
         sub-batch size otherwise pays ~0.1 ms per convolution geometry to create one
-        (convolutions='onednn'). Returns the number of forwards run (3 x max_batch_size).
+        (convolutions='winograd' or 'onednn'). Returns the number of forwards run (3 x max_batch_size).
         Cost: about as many forwards, e.g. ~10 s for SkipNet-110 and 128 on 2 CPU cores."""
         if isinstance(max_batch_size, bool) or not isinstance(max_batch_size, int) or max_batch_size < 1:
             raise ValueError(f"warmup: expected max_batch_size >= 1, got {max_batch_size!r}")
@@ -228,9 +228,11 @@ def compile(model: torch.nn.Module, backend: str = "auto", fold_bn: bool = True,
     (changes results only by float rounding). channels_last: run on NHWC activations
     (faster convolutions; changes results only by float rounding). convolutions: the
     implementation of the folded CPU float32 convolutions, 'auto' (best available),
-    'onednn' (dynexec's own oneDNN primitives), 'mkldnn' (torch's oneDNN op on pre-packed
+    'winograd' ('onednn' with the 3x3 stride-1 convolutions on dynexec's Winograd
+    F(2x2, 3x3) kernel; the default on CPUs with AVX2 and FMA; changes results only by
+    float rounding), 'onednn' (dynexec's own oneDNN primitives), 'mkldnn' (torch's oneDNN op on pre-packed
     weights) or 'aten' (F.conv2d); see dynexec.program.resolve_conv_impl. batch_shards: how the
-    C++ block loop (native backend, 'onednn' convolutions) splits a batch: 'auto' (one
+    C++ block loop (native backend, 'winograd' or 'onednn' convolutions) splits a batch: 'auto' (one
     shard per intra-op thread, each running the whole network on its rows with
     single-threaded kernels: faster for routed sub-batches of a few samples, same results;
     more shards when one would get over 32 rows, which run slower per row),

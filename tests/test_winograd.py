@@ -99,3 +99,21 @@ def test_bad_arguments_name_what_was_expected():
         torch.ops.dynexec.conv3x3_winograd(torch.randn(1, 16, 4, 4, dtype=torch.float64), U, b)
     with pytest.raises(RuntimeError, match=r"float32 bias \[16\], got Float with shape \[15\]"):
         torch.ops.dynexec.conv3x3_winograd(torch.randn(1, 16, 4, 4), U, torch.randn(15))
+
+
+def test_fake_kernels_give_the_real_shapes_and_layout():
+    """torch.compile traces the ops through their fake kernels (dynexec/ops/fake.py)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from dynexec.ops import fake
+    fake.register()
+    w, b = _conv(16, 32, seed=8)
+    U = torch.ops.dynexec.winograd_weights(w)
+    x = torch.randn(3, 16, 7, 6)
+    real = torch.ops.dynexec.conv3x3_winograd(x, U, b)
+    with FakeTensorMode() as mode:
+        fw, fb, fx = mode.from_tensor(w), mode.from_tensor(b), mode.from_tensor(x)
+        fU = torch.ops.dynexec.winograd_weights(fw)
+        out = torch.ops.dynexec.conv3x3_winograd(fx, fU, fb)
+    assert fU.shape == U.shape
+    assert out.shape == real.shape and out.stride() == real.stride()

@@ -92,6 +92,20 @@ def _pooled_linear_fake(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
     return h.new_empty((h.shape[0], weight.shape[0]))
 
 
+def _winograd_weights_fake(weight: torch.Tensor):
+    torch._check(weight.dim() == 4 and tuple(weight.shape[2:]) == (3, 3), lambda: (
+        f"dynexec::winograd_weights: expected a weight [K, C, 3, 3], but got shape {list(weight.shape)}"))
+    return weight.new_empty((16, weight.shape[1], weight.shape[0]))
+
+
+def _conv3x3_winograd_fake(x: torch.Tensor, weights: torch.Tensor, bias: torch.Tensor):
+    torch._check(x.dim() == 4 and weights.dim() == 3 and x.shape[1] == weights.shape[1], lambda: (
+        f"dynexec::conv3x3_winograd: expected x [N, C, H, W] and weights [16, C, K], but got shapes "
+        f"{list(x.shape)} and {list(weights.shape)}"))
+    n, _, h, w = x.shape
+    return x.new_empty((n, weights.shape[2], h, w)).contiguous(memory_format=torch.channels_last)
+
+
 _FAKES = {
     "dynexec::partition": _partition_fake,
     "dynexec::gather_rows": _gather_rows_fake,
@@ -101,6 +115,8 @@ _FAKES = {
     "dynexec::recurrent_gate_step": _recurrent_gate_step_fake,
     "dynexec::downsample_b": _downsample_b_fake,
     "dynexec::pooled_linear": _pooled_linear_fake,
+    "dynexec::winograd_weights": _winograd_weights_fake,
+    "dynexec::conv3x3_winograd": _conv3x3_winograd_fake,
 }
 _registered = False
 
