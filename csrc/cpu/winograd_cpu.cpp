@@ -8,7 +8,6 @@
 #include <immintrin.h>
 
 #include <algorithm>
-#include <cstring>
 #include <vector>
 
 #define DYNEXEC_AVX2 __attribute__((target("avx2,fma")))

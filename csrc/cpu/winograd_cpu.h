@@ -4,10 +4,10 @@
 // Why: a direct 3x3 convolution (oneDNN's brgconv) does 9 * C * K multiply-adds per output
 // pixel; F(2x2, 3x3) computes a 2x2 output tile from a 4x4 input tile with 16 * C * K
 // multiply-adds in the transformed domain (2.25x fewer) plus the tile transforms, whose
-// cost grows with C + K rather than C * K. Measured in a standalone prototype against
-// oneDNN 3.2's brgconv:avx2, one thread: 1.2-1.3x at 32 and 64 channels, ~1.0-1.1x at 16
-// (the transforms dominate there). Rounding differs from a direct convolution by a few
-// units of 1e-7 relative (the transforms add and subtract neighbours).
+// cost grows with C + K rather than C * K, so it pays most at 32 and 64 channels; at 16 the
+// transforms weigh as much as the products (`python benchmarks/kernels.py --device cpu
+// --sections winograd` times it against oneDNN's brgconv per geometry). Against a float64
+// convolution its error is the size of a direct float32 convolution's (tests/test_winograd.py).
 //
 // Layout of the transformed weights U: [16][C][K] (position p = 4 * i + j of the 4x4 tile,
 // input channel, output channel), built once by winograd_weights_f32.
