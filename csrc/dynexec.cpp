@@ -7,6 +7,8 @@
 
 #include <torch/library.h>
 
+#include "cpu/winograd_cpu.h"
+
 #ifdef DYNEXEC_WITH_CUDA
 #include <cuda.h>
 #endif
@@ -33,10 +35,6 @@ int64_t onednn_version() { return 0; }
 int64_t onednn_plan_count() { return 0; }
 std::vector<std::string> onednn_plan_impls() { return {}; }
 #endif
-
-namespace cpu {
-bool winograd_supported();  // csrc/cpu/winograd_cpu.cpp
-}
 
 }  // namespace dynexec
 

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 import dynexec  # noqa: F401  (loads dynexec._C)
-from dynexec.program import onednn_direct_available
+from dynexec.program import onednn_direct_available, winograd_available
 
 pytestmark = pytest.mark.skipif(not onednn_direct_available(),
                                 reason="dynexec._C was built without oneDNN (see setup.py)")
@@ -22,7 +22,7 @@ CL = torch.channels_last
 TOL = dict(rtol=1e-4, atol=1e-4)
 # Every chain test runs on oneDNN's convolutions and, where this CPU has AVX2 and FMA, with
 # the eligible 3x3 stride-1 convolutions on dynexec's Winograd kernel (enable_winograd).
-WINOGRAD = [False] + ([True] if onednn_direct_available() and torch.ops.dynexec.winograd_supported() else [])
+WINOGRAD = [False] + ([True] if winograd_available() else [])
 
 
 def make_chain(channels, strides, paddings, kernels, relu_last=False, seed=0, winograd=False):

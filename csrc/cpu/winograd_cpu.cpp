@@ -167,8 +167,7 @@ void check_supported(const char* op) {
 at::Tensor winograd_weights_cpu(const at::Tensor& weight_) {
   check_supported("winograd_weights");
   TORCH_CHECK(weight_.scalar_type() == at::kFloat && weight_.dim() == 4 && weight_.size(2) == 3 &&
-                  weight_.size(3) == 3 && weight_.size(1) % 8 == 0 && weight_.size(0) % 16 == 0 &&
-                  weight_.size(1) > 0 && weight_.size(0) > 0,
+                  weight_.size(3) == 3 && cpu::winograd_channels_ok(weight_.size(1), weight_.size(0)),
               "dynexec::winograd_weights: expected a float32 weight [K, C, 3, 3] with C a multiple of 8 and K a "
               "multiple of 16, got ", weight_.scalar_type(), " with shape ", weight_.sizes());
   const at::Tensor weight = weight_.contiguous();
@@ -180,8 +179,8 @@ at::Tensor winograd_weights_cpu(const at::Tensor& weight_) {
 
 at::Tensor conv3x3_winograd_cpu(const at::Tensor& x_, const at::Tensor& U_, const at::Tensor& bias_) {
   check_supported("conv3x3_winograd");
-  TORCH_CHECK(U_.scalar_type() == at::kFloat && U_.dim() == 3 && U_.size(0) == 16 && U_.size(1) % 8 == 0 &&
-                  U_.size(2) % 16 == 0 && U_.size(1) > 0 && U_.size(2) > 0,
+  TORCH_CHECK(U_.scalar_type() == at::kFloat && U_.dim() == 3 && U_.size(0) == 16 &&
+                  cpu::winograd_channels_ok(U_.size(1), U_.size(2)),
               "dynexec::conv3x3_winograd: expected transformed weights [16, C, K] from winograd_weights, got ",
               U_.scalar_type(), " with shape ", U_.sizes());
   const int64_t C = U_.size(1), K = U_.size(2);

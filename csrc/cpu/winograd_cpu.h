@@ -21,6 +21,10 @@ namespace cpu {
 // True when this CPU runs the kernels below (AVX2 and FMA).
 bool winograd_supported();
 
+// The channel counts the kernels take: C input channels a multiple of 8 (one AVX2 vector per
+// step of the input transform), K output channels a multiple of 16 (two per accumulator pair).
+inline bool winograd_channels_ok(int64_t C, int64_t K) { return C > 0 && K > 0 && C % 8 == 0 && K % 16 == 0; }
+
 // U [16, C, K] from weight [K, C, 3, 3] (contiguous).
 void winograd_weights_f32(const float* weight, int64_t C, int64_t K, float* U);
 

@@ -231,7 +231,7 @@ const memory& PackedConv::packed_for(const memory::desc& wei_md) {
 }
 
 bool PackedConv::enable_winograd() {
-  if (kh_ != 3 || kw_ != 3 || stride_ != 1 || padding_ != 1 || ic_ % 8 != 0 || oc_ % 16 != 0 ||
+  if (kh_ != 3 || kw_ != 3 || stride_ != 1 || padding_ != 1 || !cpu::winograd_channels_ok(ic_, oc_) ||
       !cpu::winograd_supported()) {
     return false;
   }
