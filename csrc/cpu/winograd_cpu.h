@@ -7,7 +7,8 @@
 // cost grows with C + K rather than C * K, so it pays most at 32 and 64 channels; at 16 the
 // transforms weigh as much as the products (`python benchmarks/kernels.py --device cpu
 // --sections winograd` times it against oneDNN's brgconv per geometry). Against a float64
-// convolution its error is the size of a direct float32 convolution's (tests/test_winograd.py).
+// convolution it stays within 1e-5 (tests/test_winograd.py); measured, its error was no
+// larger than F.conv2d's in float32 on the same data.
 //
 // Layout of the transformed weights U: [16][C][K] (position p = 4 * i + j of the 4x4 tile,
 // input channel, output channel), built once by winograd_weights_f32.
