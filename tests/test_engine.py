@@ -312,6 +312,39 @@ def test_batch_shards_give_the_same_results(family):
         torch.set_num_threads(threads)
 
 
+@pytest.mark.skipif(not dynexec.program.winograd_available(), reason="no Winograd kernel on this CPU / build")
+@pytest.mark.parametrize("family", ["skipnet-cifar-rnn", "blockdrop-cifar"])
+def test_work_sharing_between_shards_gives_the_same_results(family):
+    """A shard's thread that has run out of shards runs chunks of the other threads'
+    Winograd convolutions (cpu::HelpDesk): logits and routing stay exactly those of one
+    unsharded loop, with sharing on and off, for uneven shards (one shard's rows skip
+    every block, the others take them all, so one thread is idle early and helps), more
+    shards than threads, and more threads than cores."""
+    model = make_model(family)
+    ref = dynexec.compile(model, backend="native", convolutions="winograd", batch_shards=1)
+    engines = {s: dynexec.compile(model, backend="native", convolutions="winograd", batch_shards=s)
+               for s in (2, 3, 5)}
+    loops = lambda e: [p.native_loop.loop for p in (e.program, e.program.policy) if p is not None]
+    assert all(loop.work_sharing() for e in engines.values() for loop in loops(e))
+    threads = torch.get_num_threads()
+    try:
+        for n, nthreads in ((2, 2), (7, 2), (12, 3), (9, 1)):
+            torch.set_num_threads(nthreads)
+            x = _x(family, n, seed=90 + n)
+            uneven = torch.zeros(n, ref.num_blocks, dtype=torch.bool)
+            uneven[n // 2:] = True  # the first shard's rows skip every block
+            for routing in (None, uneven):
+                a, ra = ref(x, return_routing=True, routing=routing)
+                for shards, engine in engines.items():
+                    for on in (True, False):
+                        for loop in loops(engine):
+                            loop.set_work_sharing(on)
+                        b, rb = engine(x, return_routing=True, routing=routing)
+                        assert torch.equal(ra, rb) and torch.equal(a, b), (shards, n, nthreads, on)
+    finally:
+        torch.set_num_threads(threads)
+
+
 @pytest.mark.skipif(not dynexec.program.onednn_direct_available(), reason="dynexec._C built without oneDNN")
 def test_no_convolution_falls_back_to_onednns_reference_code():
     """Every sub-batch size gets one of oneDNN's JIT kernels, never its reference code

@@ -1,6 +1,8 @@
 // CPU kernels of dynexec::winograd_weights and dynexec::conv3x3_winograd (see winograd_cpu.h).
 #include "winograd_cpu.h"
 
+#include "work_sharing.h"
+
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -8,6 +10,7 @@
 #include <immintrin.h>
 
 #include <algorithm>
+#include <functional>
 #include <vector>
 
 #define DYNEXEC_AVX2 __attribute__((target("avx2,fma")))
@@ -131,8 +134,7 @@ void winograd_conv3x3_nhwc_f32(const float* x, int64_t n, int64_t H, int64_t W, 
   const int64_t tiles_w = (W + 1) / 2, tiles = ((H + 1) / 2) * tiles_w;
   const int64_t groups = (tiles + kTiles - 1) / kTiles;
   if (n <= 0 || groups == 0) return;
-  // Inside a parallel region (a BlockLoop shard) this runs inline on the calling thread.
-  at::parallel_for(0, n * groups, /*grain_size=*/16, [&](int64_t lo, int64_t hi) {
+  const std::function<void(int64_t, int64_t)> units = [&](int64_t lo, int64_t hi) {
     thread_local std::vector<float> V, M;  // reused: no allocation per call once grown
     V.resize(kTiles * kPositions * C);
     M.resize(kTiles * kPositions * K);
@@ -153,7 +155,15 @@ void winograd_conv3x3_nhwc_f32(const float* x, int64_t n, int64_t H, int64_t W, 
         output_tile(M.data() + t * kPositions * K, bias, H, W, K, 2 * ty, 2 * tx, accumulate, relu, oi);
       }
     }
-  });
+  };
+  if (has_help_desk()) {
+    // A BlockLoop shard's worker: idle workers may take chunks of ~5 us (fewer units the
+    // more channels a unit has).
+    run_units(n * groups, std::max<int64_t>(1, 2048 / (C * K)), units);
+  } else {
+    // Inside another parallel region this runs inline on the calling thread.
+    at::parallel_for(0, n * groups, /*grain_size=*/16, units);
+  }
 }
 
 }  // namespace cpu

@@ -43,6 +43,7 @@
 #include "../cpu/gate_cpu.h"
 #include "../cpu/head_cpu.h"
 #include "../cpu/regroup_cpu.h"
+#include "../cpu/work_sharing.h"
 #include "chain.h"
 #include "native_ops.h"
 #include "workspace.h"
@@ -233,6 +234,12 @@ class BlockLoop : public torch::CustomClassHolder {
 
   int64_t shards() const { return shards_; }
 
+  // Whether a shard's thread that has run out of shards takes chunks of the Winograd
+  // convolutions the other threads are still running (default true; see sharded()).
+  // Results are the same either way.
+  void set_work_sharing(bool on) { work_sharing_ = on; }
+  bool work_sharing() const { return work_sharing_; }
+
   // The number of shards a call on n rows makes here and now (the intra-op thread count
   // is read at call time).
   int64_t shards_for(int64_t n) const {
@@ -345,13 +352,21 @@ class BlockLoop : public torch::CustomClassHolder {
     const at::ThreadLocalState caller;  // inference mode, profiler, ... for the workers
     // With more shards than threads, each thread claims the next unstarted shard when it
     // is done with one, so a thread that was slowed (or descheduled) takes fewer shards.
+    // A thread with no shard left then takes chunks of the others' Winograd convolutions
+    // (cpu::HelpDesk) instead of waiting for them at the end.
     std::atomic<int64_t> next{0};
     const int64_t workers = std::min<int64_t>(shards, at::in_parallel_region() ? 1 : at::get_num_threads());
-    at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
+    cpu::HelpDesk desk(workers);
+    at::parallel_for(0, workers, 1, [&](int64_t begin, int64_t end) {
       at::ThreadLocalStateGuard guard(caller);
-      for (int64_t s = next++; s < shards; s = next++) {
-        const int64_t lo = s * n / shards, hi = (s + 1) * n / shards;
-        std::tie(outs[s], routings[s]) = f(h.narrow(0, lo, hi - lo), lo);
+      for (int64_t worker = begin; worker < end; ++worker) {  // one per thread, unless threads are short
+        std::optional<cpu::WorkerScope> scope;
+        if (work_sharing_) scope.emplace(desk);
+        for (int64_t s = next++; s < shards; s = next++) {
+          const int64_t lo = s * n / shards, hi = (s + 1) * n / shards;
+          std::tie(outs[s], routings[s]) = f(h.narrow(0, lo, hi - lo), lo);
+        }
+        if (scope && worker + 1 == end) scope->finish_and_help();
       }
     });
     at::Tensor out = at::cat(outs, 0);
@@ -448,6 +463,7 @@ class BlockLoop : public torch::CustomClassHolder {
   c10::intrusive_ptr<OneDnnChain> stem_;
   std::optional<Head> head_;
   int64_t shards_ = 0;
+  bool work_sharing_ = true;
 };
 
 }  // namespace loop_detail

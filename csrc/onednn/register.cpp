@@ -35,6 +35,8 @@ TORCH_LIBRARY_FRAGMENT(dynexec, m) {
       .def("set_shards", &BlockLoop::set_shards)
       .def("shards", &BlockLoop::shards)
       .def("shards_for", &BlockLoop::shards_for)
+      .def("set_work_sharing", &BlockLoop::set_work_sharing)
+      .def("work_sharing", &BlockLoop::work_sharing)
       .def("run_planned", &BlockLoop::run_planned)
       .def("run_recurrent", &BlockLoop::run_recurrent)
       .def("set_stem", &BlockLoop::set_stem)
