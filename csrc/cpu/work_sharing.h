@@ -39,7 +39,6 @@ class HelpDesk {
 
  private:
   friend class WorkerScope;
-  friend void run_units(int64_t, int64_t, const std::function<void(int64_t, int64_t)>&);
   std::vector<std::unique_ptr<Slot>> slots_;
   std::atomic<int64_t> next_slot_{0};
   std::atomic<int64_t> working_;
