@@ -32,8 +32,9 @@ void winograd_weights_f32(const float* weight, int64_t C, int64_t K, float* U);
 // out[n] = conv3x3(x[n]) + bias (+ out[n] when accumulate) for n images of H x W x C
 // (NHWC-dense) into H x W x K, then ReLU when relu (torch's: NaN and -0.0 kept);
 // C % 8 == 0 and K % 16 == 0 (checked by the callers).
-// Parallel over groups of tiles with ATen's intra-op threads (inline inside a parallel
-// region, e.g. a BlockLoop shard).
+// Parallel over groups of tiles with ATen's intra-op threads; inside a BlockLoop shard's
+// worker, on that thread and on idle workers that help it (work_sharing.h); inline inside
+// any other parallel region.
 void winograd_conv3x3_nhwc_f32(const float* x, int64_t n, int64_t H, int64_t W, int64_t C, int64_t K,
                                const float* U, const float* bias, bool accumulate, bool relu, float* out);
 

@@ -40,8 +40,7 @@ void wait_step(int64_t& spins) {
   }
 }
 
-thread_local HelpDesk* tl_desk = nullptr;
-thread_local HelpDesk::Slot* tl_slot = nullptr;
+thread_local HelpDesk::Slot* tl_slot = nullptr;  // the calling worker's, inside a WorkerScope
 
 void run_chunk(const HelpDesk::Job& job, int64_t lo) { (*job.body)(lo, std::min(lo + job.chunk, job.total)); }
 
@@ -91,8 +90,7 @@ WorkerScope::WorkerScope(HelpDesk& desk) : desk_(desk) {
   const int64_t slot = desk.next_slot_.fetch_add(1);
   TORCH_CHECK(slot < static_cast<int64_t>(desk.slots_.size()), "HelpDesk: more workers than the ",
               desk.slots_.size(), " it was made for");
-  TORCH_CHECK(tl_desk == nullptr, "HelpDesk: a worker cannot join a second desk");
-  tl_desk = &desk;
+  TORCH_CHECK(tl_slot == nullptr, "HelpDesk: a worker cannot join a second desk");
   tl_slot = desk.slots_[slot].get();
 }
 
@@ -106,11 +104,10 @@ void WorkerScope::finish_and_help() {
 
 WorkerScope::~WorkerScope() {
   if (!done_) desk_.working_.fetch_sub(1, std::memory_order_acq_rel);
-  tl_desk = nullptr;
   tl_slot = nullptr;
 }
 
-bool has_help_desk() { return tl_desk != nullptr; }
+bool has_help_desk() { return tl_slot != nullptr; }
 
 namespace {
 

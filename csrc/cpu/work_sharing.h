@@ -27,10 +27,6 @@ class HelpDesk {
   // workers: the threads that will run shards (each enters with a WorkerScope).
   explicit HelpDesk(int64_t workers);
 
-  // Called by a worker that has no shard left: runs the units the other workers post
-  // until every worker has left its shards (WorkerScope's destructor or worker_done).
-  void help_until_all_done();
-
   struct Job;
   struct Slot {
     std::mutex mu;
@@ -39,6 +35,10 @@ class HelpDesk {
 
  private:
   friend class WorkerScope;
+  // Runs the chunks the other workers post until every worker has left its shards
+  // (WorkerScope::finish_and_help or WorkerScope's destructor).
+  void help_until_all_done();
+
   std::vector<std::unique_ptr<Slot>> slots_;
   std::atomic<int64_t> next_slot_{0};
   std::atomic<int64_t> working_;
@@ -64,7 +64,8 @@ class WorkerScope {
 // Runs body(lo, hi) over [0, total) in chunks of at most `chunk` units. On a thread with a
 // desk (inside a WorkerScope) idle workers may run some of the chunks; the call returns
 // when every chunk has run. Elsewhere it is body(0, total) on this thread.
-// body must not throw and must not call run_units.
+// If body throws (on this thread or a helper), the first exception is rethrown here once
+// every chunk a helper claimed has finished. body must not call run_units.
 void run_units(int64_t total, int64_t chunk, const std::function<void(int64_t, int64_t)>& body);
 
 // True inside a WorkerScope (a sharded forward's worker).

@@ -356,12 +356,13 @@ class BlockLoop : public torch::CustomClassHolder {
     // (cpu::HelpDesk) instead of waiting for them at the end.
     std::atomic<int64_t> next{0};
     const int64_t workers = std::min<int64_t>(shards, at::in_parallel_region() ? 1 : at::get_num_threads());
-    cpu::HelpDesk desk(workers);
+    std::optional<cpu::HelpDesk> desk;
+    if (work_sharing_) desk.emplace(workers);
     at::parallel_for(0, workers, 1, [&](int64_t begin, int64_t end) {
       at::ThreadLocalStateGuard guard(caller);
       for (int64_t worker = begin; worker < end; ++worker) {  // one per thread, unless threads are short
         std::optional<cpu::WorkerScope> scope;
-        if (work_sharing_) scope.emplace(desk);
+        if (desk) scope.emplace(*desk);
         for (int64_t s = next++; s < shards; s = next++) {
           const int64_t lo = s * n / shards, hi = (s + 1) * n / shards;
           std::tie(outs[s], routings[s]) = f(h.narrow(0, lo, hi - lo), lo);

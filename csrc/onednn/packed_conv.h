@@ -62,7 +62,7 @@ class PackedConv {
 
   // Runs this convolution with dynexec's Winograd F(2x2, 3x3) kernel from now on
   // (csrc/cpu/winograd_cpu.h) when it is eligible — 3x3, stride 1, padding 1, input
-  // channels a multiple of 8, output channels of 16, a CPU with AVX2 and FMA; returns
+  // channels a multiple of 8, output channels a multiple of 16, a CPU with AVX2 and FMA; returns
   // whether it does. Call before the convolution is shared between threads.
   bool enable_winograd();
   bool uses_winograd() const { return winograd_weights_.defined(); }
