@@ -170,12 +170,20 @@ void scatter_residual_relu_cpu(const at::Tensor& out_, const at::Tensor& y_, con
 // ------------------------------------------------------------------ scatter + pool
 // Where a pooled pass takes each new value from: relu(o + s) (the scatter of a branch
 // output onto its residual) or relu(o) (an in-place ReLU; s unused).
-enum class PoolSource { kResidualAdd, kSelf };
+// Where a pooled row's new values come from: relu(out + y), relu(out), or out as it is
+// (rows a kernel has already put through the ReLU: only read, not written back).
+enum class PoolSource { kResidualAdd, kSelf, kReluDone };
 
 template <PoolSource kSource, typename T>
 DYNEXEC_FORCE_INLINE T pool_value(T o, const T* s, int64_t j) {
-  return im::pool_update<kSource == PoolSource::kResidualAdd>(o, s, j);
+  if constexpr (kSource == PoolSource::kReluDone) {
+    return o;
+  } else {
+    return im::pool_update<kSource == PoolSource::kResidualAdd>(o, s, j);
+  }
 }
+// The y rows a source reads (kResidualAdd's only).
+constexpr bool reads_y(PoolSource source) { return source == PoolSource::kResidualAdd; }
 
 // o[j] = the new value (pool_value) for j < len; returns
 // the acc_t sum of the new o[j].
@@ -190,14 +198,14 @@ DYNEXEC_CPU_CLONES acc_t scatter_plane_sum(scalar_t* __restrict__ o, const scala
   for (; j + kLanes <= len; j += kLanes) {
     for (int64_t k = 0; k < kLanes; ++k) {
       const scalar_t v = pool_value<kSource>(o[j + k], s, j + k);
-      o[j + k] = v;
+      if constexpr (kSource != PoolSource::kReluDone) o[j + k] = v;
       lanes[k] += static_cast<acc_t>(v);
     }
   }
   acc_t sum = acc_t(0);
   for (; j < len; ++j) {
     const scalar_t v = pool_value<kSource>(o[j], s, j);
-    o[j] = v;
+    if constexpr (kSource != PoolSource::kReluDone) o[j] = v;
     sum += static_cast<acc_t>(v);
   }
   for (int64_t k = 0; k < kLanes; ++k) sum += lanes[k];
@@ -220,7 +228,7 @@ DYNEXEC_CPU_CLONES void scatter_pool_row_cl(scalar_t* __restrict__ o,
     const int64_t off = im::row_plane_offset(0, p, C, HW, true);
     for (int64_t c = 0; c < C; ++c) {
       const scalar_t v = pool_value<kSource>(o[off + c], s, off + c);
-      o[off + c] = v;
+      if constexpr (kSource != PoolSource::kReluDone) o[off + c] = v;
       a[c] += static_cast<acc_t>(v);
     }
   }
@@ -249,7 +257,7 @@ void update_and_pool_rows(scalar_t* op, int64_t o_bstride, const scalar_t* yp, i
         const int64_t off = im::row_plane_offset(c, 0, C, HW, false);
         const acc_t sum = scatter_plane_sum<kSource, scalar_t, acc_t>(
             op + im::row_element_offset(o_row, o_bstride, off),
-            kSource != PoolSource::kSelf ? yp + im::row_element_offset(r, y_bstride, off) : nullptr, HW);
+            reads_y(kSource) ? yp + im::row_element_offset(r, y_bstride, off) : nullptr, HW);
         pp[im::pooled_offset(pool_rows ? pool_rows[r] : r, c, C)] = im::plane_mean<scalar_t, acc_t>(sum, HW);
       }
     });
@@ -263,7 +271,7 @@ void update_and_pool_rows(scalar_t* op, int64_t o_bstride, const scalar_t* yp, i
     for (int64_t r = begin; r < end; ++r) {
       scatter_pool_row_cl<kSource, scalar_t, acc_t>(
           op + im::row_element_offset(out_rows ? out_rows[r] : r, o_bstride, 0),
-          kSource != PoolSource::kSelf ? yp + im::row_element_offset(r, y_bstride, 0) : nullptr, C, HW, acc.data(),
+          reads_y(kSource) ? yp + im::row_element_offset(r, y_bstride, 0) : nullptr, C, HW, acc.data(),
           pp + im::pooled_offset(pool_rows ? pool_rows[r] : r, 0, C));
     }
   });
@@ -275,7 +283,7 @@ void fused_pool_rows(at::Tensor& out, const at::Tensor& y, const int64_t* out_ro
                      at::Tensor& pooled) {
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, out.scalar_type(), "dynexec_pool_rows_cpu", [&] {
-        constexpr bool kReadsY = kSource != PoolSource::kSelf;
+        constexpr bool kReadsY = reads_y(kSource);
         update_and_pool_rows<kSource, scalar_t>(out.data_ptr<scalar_t>(), out.stride(0),
                                                 kReadsY ? y.const_data_ptr<scalar_t>() : nullptr,
                                                 kReadsY ? y.stride(0) : 0, out_rows, pool_rows, count,
@@ -352,6 +360,12 @@ void gather_rows_f32(const float* x, int64_t x_row_stride, const int64_t* idx, i
 void relu_pool_nhwc_f32(float* x, int64_t n, int64_t C, int64_t HW, float* pooled) {
   update_and_pool_rows<PoolSource::kSelf, float>(x, C * HW, nullptr, 0, nullptr, nullptr, n,
                                                  /*channels_last=*/true, C, HW, pooled);
+}
+
+void pool_nhwc_f32(const float* x, int64_t n, int64_t C, int64_t HW, float* pooled) {
+  // kReluDone writes nothing through the row pointer.
+  update_and_pool_rows<PoolSource::kReluDone, float>(const_cast<float*>(x), C * HW, nullptr, 0, nullptr, nullptr, n,
+                                                     /*channels_last=*/true, C, HW, pooled);
 }
 
 void relu_f32(float* x, int64_t numel) {

@@ -20,6 +20,11 @@ void gather_rows_f32(const float* x, int64_t x_row_stride, const int64_t* idx, i
 // x[r] = relu(x[r]) and pooled[r, c] = its mean over HW, for the n NHWC-dense rows of x.
 void relu_pool_nhwc_f32(float* x, int64_t n, int64_t C, int64_t HW, float* pooled);
 
+// pooled[r, c] = the mean over HW of the n NHWC-dense rows of x that have been through
+// the ReLU already: the same sums, bit for bit, as relu_pool_nhwc_f32 (whose ReLU leaves
+// such values as they are) without writing x.
+void pool_nhwc_f32(const float* x, int64_t n, int64_t C, int64_t HW, float* pooled);
+
 // x = relu(x) in place with torch's semantics (NaN and -0.0 kept).
 void relu_f32(float* x, int64_t numel);
 

@@ -435,10 +435,17 @@ class BlockLoop : public torch::CustomClassHolder {
       const bool pool_rows = pool && pooled.defined();
       float* hp = h.data_ptr<float>();
       if (active > 0) {
-        // the ReLU in the last convolution's pass, or with the pooling in one of its own
-        b.branch->add_into(routed, hp, ws, /*relu=*/!pool_rows);
+        // The ReLU in the last convolution's pass when that is free (then the pooling only
+        // reads the rows), else with the pooling in one pass of its own. Same sums either way.
+        const bool relu_in_conv = !pool_rows || b.branch->fuses_relu();
+        b.branch->add_into(routed, hp, ws, /*relu=*/relu_in_conv);
         if (pool_rows) {
-          cpu::relu_pool_nhwc_f32(hp, active, h.size(1), h.size(2) * h.size(3), pooled.data_ptr<float>());
+          const int64_t C = h.size(1), HW = h.size(2) * h.size(3);
+          if (relu_in_conv) {
+            cpu::pool_nhwc_f32(hp, active, C, HW, pooled.data_ptr<float>());
+          } else {
+            cpu::relu_pool_nhwc_f32(hp, active, C, HW, pooled.data_ptr<float>());
+          }
         }
       }
       if (pool && !pool_rows) pooled = h.mean({2, 3}).contiguous();

@@ -105,6 +105,10 @@ class OneDnnChain : public torch::CustomClassHolder {
     return std::count_if(convs_.begin(), convs_.end(), [](const auto& c) { return c->uses_winograd(); });
   }
 
+  // Whether add_into's ReLU rides in the last convolution's own output pass (the Winograd
+  // kernel's) rather than costing a pass of its own (after a oneDNN primitive).
+  bool fuses_relu() const { return convs_.back()->uses_winograd(); }
+
   // ---- For BlockLoop: NHWC-dense float32 activations, intermediates in a Workspace, no
   // per-call checks or allocations (BlockLoop validated its inputs once).
 
