@@ -216,14 +216,16 @@ def test_pooled_block_matches_block_then_mean(backend, rows):
 @pytest.mark.skipif(not dynexec.program.onednn_direct_available(), reason="dynexec._C built without oneDNN")
 @pytest.mark.parametrize("family", ["skipnet-cifar-rnn", "skipnet-cifar-rnn-rl", "skipnet-imagenet-basic",
                                     "skipnet-imagenet-bottleneck", "skipnet-cifar-ffgate1"])
-def test_native_recurrent_loop_equals_the_python_loop(family):
+@pytest.mark.parametrize("convolutions", [c for c in ("onednn", "winograd") if c in CONV_IMPLS])
+def test_native_recurrent_loop_equals_the_python_loop(family, convolutions):
     """Recurrent-gate programs on OneDnnChains run their block loop, gates included, in C++
     (BlockLoop.run_recurrent) with the native backend; it gives exactly the Python loop's
-    logits and routing for every batch size, routing mix and NaN input. Feed-forward gates
-    keep the Python loop."""
+    logits and routing for every batch size, routing mix and NaN input (with the Winograd
+    kernel, both pool a routed block's output in its output pass, in the same order).
+    Feed-forward gates keep the Python loop."""
     import dataclasses
     model = make_model(family)
-    engine = dynexec.compile(model, backend="native", convolutions="onednn")
+    engine = dynexec.compile(model, backend="native", convolutions=convolutions)
     if "ffgate" in family:
         assert not engine.program.native_loop.recurrent
         return

@@ -96,7 +96,7 @@ def test_stem_chain_applies_its_last_relu_and_refuses_adds():
 def test_add_and_add_relu_and_pool_in_place(shape, residual_layout, winograd):
     spec_kw, c, size = SHAPES[shape]
     chain, spec = make_chain(**spec_kw, seed=5, winograd=winograd)
-    for n in (3, 1, 8):
+    for n in (3, 1, 8, 0):
         x = _x(n, c, size, seed=10 + n)
         ref = reference(spec, x)
         residual = torch.randn(ref.shape, generator=torch.Generator().manual_seed(n))

@@ -59,12 +59,7 @@ void check_indices_in_range(const char* op, const int64_t* idx, int64_t count, i
 }
 
 void check_indices_distinct(const char* op, const int64_t* idx, int64_t count, int64_t n_rows) {
-  std::vector<uint8_t> seen(static_cast<size_t>(n_rows), 0);
-  for (int64_t i = 0; i < count; ++i) {
-    TORCH_CHECK(!seen[idx[i]], "dynexec::", op, ": idx[:count] must hold distinct rows, but row ",
-                idx[i], " appears more than once (again at position ", i, ")");
-    seen[idx[i]] = 1;
-  }
+  cpu::check_rows_distinct(op, idx, count, n_rows);
 }
 
 // y[r] = x[idx[r]] (idx null: r) for rows of row_len elements of esize bytes; x's rows
@@ -170,20 +165,12 @@ void scatter_residual_relu_cpu(const at::Tensor& out_, const at::Tensor& y_, con
 // ------------------------------------------------------------------ scatter + pool
 // Where a pooled pass takes each new value from: relu(o + s) (the scatter of a branch
 // output onto its residual) or relu(o) (an in-place ReLU; s unused).
-// Where a pooled row's new values come from: relu(out + y), relu(out), or out as it is
-// (rows a kernel has already put through the ReLU: only read, not written back).
-enum class PoolSource { kResidualAdd, kSelf, kReluDone };
+enum class PoolSource { kResidualAdd, kSelf };
 
 template <PoolSource kSource, typename T>
 DYNEXEC_FORCE_INLINE T pool_value(T o, const T* s, int64_t j) {
-  if constexpr (kSource == PoolSource::kReluDone) {
-    return o;
-  } else {
-    return im::pool_update<kSource == PoolSource::kResidualAdd>(o, s, j);
-  }
+  return im::pool_update<kSource == PoolSource::kResidualAdd>(o, s, j);
 }
-// The y rows a source reads (kResidualAdd's only).
-constexpr bool reads_y(PoolSource source) { return source == PoolSource::kResidualAdd; }
 
 // o[j] = the new value (pool_value) for j < len; returns
 // the acc_t sum of the new o[j].
@@ -198,14 +185,14 @@ DYNEXEC_CPU_CLONES acc_t scatter_plane_sum(scalar_t* __restrict__ o, const scala
   for (; j + kLanes <= len; j += kLanes) {
     for (int64_t k = 0; k < kLanes; ++k) {
       const scalar_t v = pool_value<kSource>(o[j + k], s, j + k);
-      if constexpr (kSource != PoolSource::kReluDone) o[j + k] = v;
+      o[j + k] = v;
       lanes[k] += static_cast<acc_t>(v);
     }
   }
   acc_t sum = acc_t(0);
   for (; j < len; ++j) {
     const scalar_t v = pool_value<kSource>(o[j], s, j);
-    if constexpr (kSource != PoolSource::kReluDone) o[j] = v;
+    o[j] = v;
     sum += static_cast<acc_t>(v);
   }
   for (int64_t k = 0; k < kLanes; ++k) sum += lanes[k];
@@ -228,7 +215,7 @@ DYNEXEC_CPU_CLONES void scatter_pool_row_cl(scalar_t* __restrict__ o,
     const int64_t off = im::row_plane_offset(0, p, C, HW, true);
     for (int64_t c = 0; c < C; ++c) {
       const scalar_t v = pool_value<kSource>(o[off + c], s, off + c);
-      if constexpr (kSource != PoolSource::kReluDone) o[off + c] = v;
+      o[off + c] = v;
       a[c] += static_cast<acc_t>(v);
     }
   }
@@ -257,7 +244,7 @@ void update_and_pool_rows(scalar_t* op, int64_t o_bstride, const scalar_t* yp, i
         const int64_t off = im::row_plane_offset(c, 0, C, HW, false);
         const acc_t sum = scatter_plane_sum<kSource, scalar_t, acc_t>(
             op + im::row_element_offset(o_row, o_bstride, off),
-            reads_y(kSource) ? yp + im::row_element_offset(r, y_bstride, off) : nullptr, HW);
+            kSource != PoolSource::kSelf ? yp + im::row_element_offset(r, y_bstride, off) : nullptr, HW);
         pp[im::pooled_offset(pool_rows ? pool_rows[r] : r, c, C)] = im::plane_mean<scalar_t, acc_t>(sum, HW);
       }
     });
@@ -271,7 +258,7 @@ void update_and_pool_rows(scalar_t* op, int64_t o_bstride, const scalar_t* yp, i
     for (int64_t r = begin; r < end; ++r) {
       scatter_pool_row_cl<kSource, scalar_t, acc_t>(
           op + im::row_element_offset(out_rows ? out_rows[r] : r, o_bstride, 0),
-          reads_y(kSource) ? yp + im::row_element_offset(r, y_bstride, 0) : nullptr, C, HW, acc.data(),
+          kSource != PoolSource::kSelf ? yp + im::row_element_offset(r, y_bstride, 0) : nullptr, C, HW, acc.data(),
           pp + im::pooled_offset(pool_rows ? pool_rows[r] : r, 0, C));
     }
   });
@@ -283,7 +270,7 @@ void fused_pool_rows(at::Tensor& out, const at::Tensor& y, const int64_t* out_ro
                      at::Tensor& pooled) {
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, out.scalar_type(), "dynexec_pool_rows_cpu", [&] {
-        constexpr bool kReadsY = reads_y(kSource);
+        constexpr bool kReadsY = kSource != PoolSource::kSelf;
         update_and_pool_rows<kSource, scalar_t>(out.data_ptr<scalar_t>(), out.stride(0),
                                                 kReadsY ? y.const_data_ptr<scalar_t>() : nullptr,
                                                 kReadsY ? y.stride(0) : 0, out_rows, pool_rows, count,
@@ -351,6 +338,15 @@ DYNEXEC_CPU_CLONES void relu_span(float* __restrict__ x, int64_t len) {
 
 namespace cpu {
 
+void check_rows_distinct(const char* op, const int64_t* idx, int64_t count, int64_t n_rows) {
+  std::vector<uint8_t> seen(static_cast<size_t>(n_rows), 0);
+  for (int64_t i = 0; i < count; ++i) {
+    TORCH_CHECK(!seen[idx[i]], "dynexec::", op, ": idx[:count] must hold distinct rows, but row ",
+                idx[i], " appears more than once (again at position ", i, ")");
+    seen[idx[i]] = 1;
+  }
+}
+
 void gather_rows_f32(const float* x, int64_t x_row_stride, const int64_t* idx, int64_t count, int64_t row_len,
                      float* y) {
   gather_rows_bytes(reinterpret_cast<const char*>(x), x_row_stride, idx, count, row_len, sizeof(float),
@@ -360,12 +356,6 @@ void gather_rows_f32(const float* x, int64_t x_row_stride, const int64_t* idx, i
 void relu_pool_nhwc_f32(float* x, int64_t n, int64_t C, int64_t HW, float* pooled) {
   update_and_pool_rows<PoolSource::kSelf, float>(x, C * HW, nullptr, 0, nullptr, nullptr, n,
                                                  /*channels_last=*/true, C, HW, pooled);
-}
-
-void pool_nhwc_f32(const float* x, int64_t n, int64_t C, int64_t HW, float* pooled) {
-  // kReluDone writes nothing through the row pointer.
-  update_and_pool_rows<PoolSource::kReluDone, float>(const_cast<float*>(x), C * HW, nullptr, 0, nullptr, nullptr, n,
-                                                     /*channels_last=*/true, C, HW, pooled);
 }
 
 void relu_f32(float* x, int64_t numel) {

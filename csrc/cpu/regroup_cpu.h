@@ -13,17 +13,15 @@
 namespace dynexec {
 namespace cpu {
 
+// Raises (naming op) unless idx[:count], all in [0, n_rows), are distinct rows.
+void check_rows_distinct(const char* op, const int64_t* idx, int64_t count, int64_t n_rows);
+
 // y[r] = x[idx[r]] for r < count (y dense: rows row_len apart).
 void gather_rows_f32(const float* x, int64_t x_row_stride, const int64_t* idx, int64_t count, int64_t row_len,
                      float* y);
 
 // x[r] = relu(x[r]) and pooled[r, c] = its mean over HW, for the n NHWC-dense rows of x.
 void relu_pool_nhwc_f32(float* x, int64_t n, int64_t C, int64_t HW, float* pooled);
-
-// pooled[r, c] = the mean over HW of the n NHWC-dense rows of x that have been through
-// the ReLU already: the same sums, bit for bit, as relu_pool_nhwc_f32 (whose ReLU leaves
-// such values as they are) without writing x.
-void pool_nhwc_f32(const float* x, int64_t n, int64_t C, int64_t HW, float* pooled);
 
 // x = relu(x) in place with torch's semantics (NaN and -0.0 kept).
 void relu_f32(float* x, int64_t numel);

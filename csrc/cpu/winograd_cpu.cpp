@@ -78,8 +78,10 @@ DYNEXEC_AVX2 void tile_products(const float* V, const float* U, int64_t C, int64
 // The 2x2 output tile at (y0, x0) = A^T m A + bias (+ what is there) (then ReLU), clipped
 // to the image; A^T = [[1, 1, 1, 0], [0, 1, -1, -1]]. max(0, v) is torch's ReLU exactly:
 // maxps returns its second operand for NaN and for 0 vs -0.0, so NaN and -0.0 are kept.
+// With sums, sums[oc] += the tile's output pixels (in-image ones, in row-major order) as
+// stored.
 DYNEXEC_AVX2 void output_tile(const float* M, const float* bias, int64_t H, int64_t W, int64_t K, int64_t y0,
-                              int64_t x0, bool accumulate, bool relu, float* out) {
+                              int64_t x0, bool accumulate, bool relu, float* out, float* sums) {
   const __m256 zero = _mm256_setzero_ps();
   for (int64_t oc = 0; oc < K; oc += 8) {
     __m256 s[2][4];
@@ -90,15 +92,19 @@ DYNEXEC_AVX2 void output_tile(const float* M, const float* bias, int64_t H, int6
       s[1][j] = _mm256_sub_ps(_mm256_sub_ps(m1, m2), m3);
     }
     const __m256 b = _mm256_loadu_ps(bias + oc);
+    __m256 tile_sum = zero;
     for (int i = 0; i < 2 && y0 + i < H; ++i) {
       const __m256 y[2] = {_mm256_add_ps(_mm256_add_ps(_mm256_add_ps(s[i][0], s[i][1]), s[i][2]), b),
                            _mm256_add_ps(_mm256_sub_ps(_mm256_sub_ps(s[i][1], s[i][2]), s[i][3]), b)};
       for (int j = 0; j < 2 && x0 + j < W; ++j) {
         float* o = out + ((y0 + i) * W + x0 + j) * K + oc;
         const __m256 v = accumulate ? _mm256_add_ps(_mm256_loadu_ps(o), y[j]) : y[j];
-        _mm256_storeu_ps(o, relu ? _mm256_max_ps(zero, v) : v);
+        const __m256 stored = relu ? _mm256_max_ps(zero, v) : v;
+        _mm256_storeu_ps(o, stored);
+        tile_sum = _mm256_add_ps(tile_sum, stored);
       }
     }
+    if (sums) _mm256_storeu_ps(sums + oc, _mm256_add_ps(_mm256_loadu_ps(sums + oc), tile_sum));
   }
 }
 
@@ -128,11 +134,31 @@ void winograd_weights_f32(const float* weight, int64_t C, int64_t K, float* U) {
   }
 }
 
+int64_t winograd_tile_groups(int64_t H, int64_t W) {
+  const int64_t tiles = ((H + 1) / 2) * ((W + 1) / 2);
+  return (tiles + kTiles - 1) / kTiles;
+}
+
+void winograd_group_means(const float* group_sums, int64_t n, int64_t H, int64_t W, int64_t K, float* pooled,
+                          const int64_t* rows) {
+  const int64_t groups = winograd_tile_groups(H, W);
+  for (int64_t r = 0; r < n; ++r) {
+    float* p = pooled + (rows ? rows[r] : r) * K;
+    const float* g = group_sums + r * groups * K;
+    std::copy(g, g + K, p);
+    for (int64_t u = 1; u < groups; ++u) {
+      for (int64_t k = 0; k < K; ++k) p[k] += g[u * K + k];
+    }
+    for (int64_t k = 0; k < K; ++k) p[k] = p[k] / static_cast<float>(H * W);
+  }
+}
+
 void winograd_conv3x3_nhwc_f32(const float* x, int64_t n, int64_t H, int64_t W, int64_t C, int64_t K,
-                               const float* U, const float* bias, bool accumulate, bool relu, float* out) {
+                               const float* U, const float* bias, bool accumulate, bool relu, float* out,
+                               float* group_sums) {
   // Work units: groups of kTiles consecutive tiles of one image (row-major tile order).
   const int64_t tiles_w = (W + 1) / 2, tiles = ((H + 1) / 2) * tiles_w;
-  const int64_t groups = (tiles + kTiles - 1) / kTiles;
+  const int64_t groups = winograd_tile_groups(H, W);
   if (n <= 0 || groups == 0) return;
   const std::function<void(int64_t, int64_t)> units = [&](int64_t lo, int64_t hi) {
     thread_local std::vector<float> V, M;  // reused: no allocation per call once grown
@@ -150,9 +176,11 @@ void winograd_conv3x3_nhwc_f32(const float* x, int64_t n, int64_t H, int64_t W, 
       // the last group of an image may be short: its unused tiles compute zeros
       std::fill(V.begin() + count * kPositions * C, V.begin() + kTiles * kPositions * C, 0.0f);
       tile_products(V.data(), U, C, K, M.data());
+      float* sums = group_sums ? group_sums + unit * K : nullptr;  // (unit = img * groups + group)
+      if (sums) std::fill(sums, sums + K, 0.0f);
       for (int64_t t = 0; t < count; ++t) {
         const int64_t ty = (t0 + t) / tiles_w, tx = (t0 + t) % tiles_w;
-        output_tile(M.data() + t * kPositions * K, bias, H, W, K, 2 * ty, 2 * tx, accumulate, relu, oi);
+        output_tile(M.data() + t * kPositions * K, bias, H, W, K, 2 * ty, 2 * tx, accumulate, relu, oi, sums);
       }
     }
   };

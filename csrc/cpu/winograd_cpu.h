@@ -35,8 +35,20 @@ void winograd_weights_f32(const float* weight, int64_t C, int64_t K, float* U);
 // Parallel over groups of tiles with ATen's intra-op threads; inside a BlockLoop shard's
 // worker, on that thread and on idle workers that help it (work_sharing.h); inline inside
 // any other parallel region.
+// With group_sums ([n, winograd_tile_groups(H, W), K]), also the sums of the stored output
+// per group of tiles (the kernel's unit of work), for a spatial mean in one fixed order
+// whichever threads run the groups: winograd_group_means.
 void winograd_conv3x3_nhwc_f32(const float* x, int64_t n, int64_t H, int64_t W, int64_t C, int64_t K,
-                               const float* U, const float* bias, bool accumulate, bool relu, float* out);
+                               const float* U, const float* bias, bool accumulate, bool relu, float* out,
+                               float* group_sums = nullptr);
+
+// The number of tile groups of an H x W output (group_sums' middle dimension).
+int64_t winograd_tile_groups(int64_t H, int64_t W);
+
+// pooled[rows ? rows[r] : r, k] = (the sum of group_sums[r, :, k] in group order) / (H * W)
+// for r < n: the means of the output the kernel stored (pooled: rows of K floats).
+void winograd_group_means(const float* group_sums, int64_t n, int64_t H, int64_t W, int64_t K, float* pooled,
+                          const int64_t* rows = nullptr);
 
 }  // namespace cpu
 }  // namespace dynexec

@@ -435,17 +435,19 @@ class BlockLoop : public torch::CustomClassHolder {
       const bool pool_rows = pool && pooled.defined();
       float* hp = h.data_ptr<float>();
       if (active > 0) {
-        // The ReLU in the last convolution's pass when that is free (then the pooling only
-        // reads the rows), else with the pooling in one pass of its own. Same sums either way.
+        // The ReLU and the pooling's sums in the last convolution's pass when it is the
+        // Winograd kernel's (the Python loop's OneDnnChain pools in the same order), else
+        // with the pooling in one pass of its own.
         const bool relu_in_conv = !pool_rows || b.branch->fuses_relu();
-        b.branch->add_into(routed, hp, ws, /*relu=*/relu_in_conv);
-        if (pool_rows) {
-          const int64_t C = h.size(1), HW = h.size(2) * h.size(3);
-          if (relu_in_conv) {
-            cpu::pool_nhwc_f32(hp, active, C, HW, pooled.data_ptr<float>());
-          } else {
-            cpu::relu_pool_nhwc_f32(hp, active, C, HW, pooled.data_ptr<float>());
-          }
+        const int64_t C = h.size(1), H = h.size(2), W = h.size(3);
+        float* group_sums = pool_rows && relu_in_conv
+                                ? ws.get(Workspace::kGroupSums, active * cpu::winograd_tile_groups(H, W) * C)
+                                : nullptr;
+        b.branch->add_into(routed, hp, ws, /*relu=*/relu_in_conv, group_sums);
+        if (group_sums) {
+          cpu::winograd_group_means(group_sums, active, H, W, C, pooled.data_ptr<float>());
+        } else if (pool_rows) {
+          cpu::relu_pool_nhwc_f32(hp, active, C, H * W, pooled.data_ptr<float>());
         }
       }
       if (pool && !pool_rows) pooled = h.mean({2, 3}).contiguous();

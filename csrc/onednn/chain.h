@@ -17,6 +17,7 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <ATen/MemoryOverlap.h>
 #include <torch/custom_class.h>
 #include <torch/library.h>
 
@@ -26,6 +27,7 @@
 #include <vector>
 
 #include "../cpu/regroup_cpu.h"
+#include "../cpu/winograd_cpu.h"
 #include "native_ops.h"
 #include "packed_conv.h"
 #include "workspace.h"
@@ -72,6 +74,10 @@ class OneDnnChain : public torch::CustomClassHolder {
   }
 
   at::Tensor add_relu_pool_(const at::Tensor& x, at::Tensor residual, const at::Tensor& pooled) {
+    if (pools_in_conv(residual, pooled, residual.size(0))) {
+      add_relu_pool_in_conv(all_but_last(x), residual, pooled, nullptr);
+      return residual;
+    }
     add_(x, residual);
     native::relu_pool_(residual, pooled);
     return residual;
@@ -87,6 +93,18 @@ class OneDnnChain : public torch::CustomClassHolder {
   at::Tensor rows_add_relu_pool_(const at::Tensor& x, const at::Tensor& idx, int64_t count, at::Tensor out,
                                  const at::Tensor& pooled) {
     check_no_relu_last("rows_add_relu_pool_");
+    if (count > 0 && pools_in_conv(out, pooled, out.size(0))) {
+      // the routed rows of out, updated and pooled in the convolution's pass, then put back
+      const at::Tensor rows_idx = idx.narrow(0, 0, count);
+      at::Tensor rows = native::gather_rows(out, rows_idx, count);  // (checks idx against out)
+      const at::Tensor ip = rows_idx.contiguous();
+      cpu::check_rows_distinct("OneDnnChain.rows_add_relu_pool_", ip.const_data_ptr<int64_t>(), count,
+                               out.size(0));
+      add_relu_pool_in_conv(all_but_last(native::gather_rows(x, idx, count)), rows, pooled,
+                            ip.const_data_ptr<int64_t>());
+      out.index_copy_(0, ip, rows);
+      return out;
+    }
     native::scatter_residual_relu_pool_(out, forward(native::gather_rows(x, idx, count)), idx, count, pooled);
     return out;
   }
@@ -124,7 +142,10 @@ class OneDnnChain : public torch::CustomClassHolder {
 
   // residual += chain(x) (residual: x's output shape), the add being the last
   // convolution's sum post-op; then residual = relu(residual) when relu.
-  void add_into(const onednn::Nhwc& x, float* residual, Workspace& ws, bool relu = false) {
+  // With group_sums (fuses_relu() chains only), also the last convolution's tile-group
+  // sums of the result, for cpu::winograd_group_means.
+  void add_into(const onednn::Nhwc& x, float* residual, Workspace& ws, bool relu = false,
+                float* group_sums = nullptr) {
     onednn::Nhwc y = x;
     for (size_t i = 0; i + 1 < convs_.size(); ++i) y = conv_into(i, y, ws);
     if (y.data == residual) {  // a one-convolution branch on its own residual: read a copy
@@ -132,10 +153,44 @@ class OneDnnChain : public torch::CustomClassHolder {
       std::copy(y.data, y.data + y.numel(), copy);
       y.data = copy;
     }
-    convs_.back()->run(y, residual, /*sum=*/true, relu);
+    convs_.back()->run(y, residual, /*sum=*/true, relu, group_sums);
   }
 
  private:
+  // Whether the pooled steps run in the last convolution's pass: a Winograd convolution,
+  // an NHWC-dense float32 residual and a contiguous float32 pooled [rows, channels] (else
+  // the separate pooling kernels, which check and report what they were given).
+  bool pools_in_conv(const at::Tensor& residual, const at::Tensor& pooled, int64_t rows) const {
+    return fuses_relu() && residual.device().is_cpu() && residual.scalar_type() == at::kFloat &&
+           residual.dim() == 4 && residual.is_contiguous(at::MemoryFormat::ChannelsLast) &&
+           pooled.device().is_cpu() && pooled.scalar_type() == at::kFloat && pooled.dim() == 2 &&
+           pooled.is_contiguous() && pooled.size(0) == rows && pooled.size(1) == residual.size(1);
+  }
+
+  // residual = relu(residual + last_conv(y)) and pooled[rows ? rows[r] : r] = the means of
+  // its rows r, the sums taken in the Winograd kernel's output pass (the same order as
+  // BlockLoop's identity blocks, so both loops pool bit-identically).
+  void add_relu_pool_in_conv(const at::Tensor& y, const at::Tensor& residual, const at::Tensor& pooled,
+                             const int64_t* rows) {
+    onednn::PackedConv& last = *convs_.back();
+    const at::Tensor yin = y.contiguous(at::MemoryFormat::ChannelsLast);
+    const onednn::Nhwc in = onednn::nhwc_of(yin);
+    last.check_input(in);
+    const onednn::Nhwc expected = last.output_of(in, nullptr);
+    TORCH_CHECK(residual.size(0) == expected.n && residual.size(1) == expected.c &&
+                    residual.size(2) == expected.h && residual.size(3) == expected.w,
+                "OneDnnChain: expected a residual [", expected.n, ", ", expected.c, ", ", expected.h, ", ",
+                expected.w, "], got ", residual.sizes());
+    at::assert_no_internal_overlap(residual);
+    at::assert_no_overlap(residual, yin);
+    if (expected.n == 0) return;
+    at::Tensor sums = at::empty({expected.n * cpu::winograd_tile_groups(expected.h, expected.w) * expected.c},
+                                residual.options().memory_format(at::MemoryFormat::Contiguous));
+    last.run(in, residual.data_ptr<float>(), /*sum=*/true, /*relu=*/true, sums.data_ptr<float>());
+    cpu::winograd_group_means(sums.const_data_ptr<float>(), expected.n, expected.h, expected.w, expected.c,
+                              pooled.data_ptr<float>(), rows);
+  }
+
   // Convolution i of the chain on x into slot kFirst / kSecond (alternating, so never
   // x's own), followed by a ReLU unless it is the last one.
   onednn::Nhwc conv_into(size_t i, const onednn::Nhwc& x, Workspace& ws) {

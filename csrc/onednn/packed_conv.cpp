@@ -243,13 +243,14 @@ bool PackedConv::enable_winograd() {
   return true;
 }
 
-void PackedConv::run(const Nhwc& x, float* out, bool sum, bool relu) {
+void PackedConv::run(const Nhwc& x, float* out, bool sum, bool relu, float* group_sums) {
   if (winograd_weights_.defined()) {
     RECORD_FUNCTION(sum ? "dynexec::winograd_conv_add_" : "dynexec::winograd_conv", std::vector<c10::IValue>());
     cpu::winograd_conv3x3_nhwc_f32(x.data, x.n, x.h, x.w, ic_, oc_, winograd_weights_.const_data_ptr<float>(),
-                                   bias_.const_data_ptr<float>(), sum, relu, out);
+                                   bias_.const_data_ptr<float>(), sum, relu, out, group_sums);
     return;
   }
+  TORCH_CHECK(group_sums == nullptr, name_, ": tile-group sums need the Winograd kernel");
   run_onednn(x, out, sum);
   if (relu) cpu::relu_f32(out, output_of(x, out).numel());
 }

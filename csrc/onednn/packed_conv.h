@@ -53,7 +53,9 @@ class PackedConv {
   // once this thread has run the same geometry and batch size before.
   // With relu, then out = relu(out) (torch's ReLU: NaN and -0.0 kept), fused into the
   // Winograd kernel's output transform, a separate pass after a oneDNN primitive.
-  void run(const Nhwc& x, float* out, bool sum, bool relu = false);
+  // With group_sums (Winograd only: uses_winograd()), also the per-tile-group sums of
+  // what it stored, for cpu::winograd_group_means (see winograd_cpu.h).
+  void run(const Nhwc& x, float* out, bool sum, bool relu = false, float* group_sums = nullptr);
   // The output of x: [x.n, oh, ow, out_channels()].
   Nhwc output_of(const Nhwc& x, float* data) const;
   // Checks that x has in_channels() channels and room for the kernel (forward checks

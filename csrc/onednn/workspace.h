@@ -15,7 +15,7 @@ namespace dynexec {
 
 class Workspace {
  public:
-  enum Slot { kFirst = 0, kSecond = 1 };
+  enum Slot { kFirst = 0, kSecond = 1, kGroupSums = 2 };  // kGroupSums: a pooling's partial sums
 
   // Slot's buffer with room for at least numel floats (contents unspecified).
   float* get(Slot slot, int64_t numel) {
@@ -28,7 +28,7 @@ class Workspace {
   }
 
  private:
-  std::array<at::Tensor, 2> buffers_;
+  std::array<at::Tensor, 3> buffers_;
 };
 
 }  // namespace dynexec
