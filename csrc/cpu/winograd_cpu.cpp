@@ -22,32 +22,68 @@ namespace {
 constexpr int kTiles = 4;     // tiles per micro-kernel call: 4 x 2 accumulators, weights loaded once per 4 tiles
 constexpr int kPositions = 16;  // a 4x4 transformed tile
 
-// V[p][C] = B^T d B for the 4x4 input patch at (y0, x0) (zero outside the image);
-// B^T = [[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]].
-DYNEXEC_AVX2 void input_tile(const float* x, int64_t H, int64_t W, int64_t C, int64_t y0, int64_t x0, float* V) {
-  const bool inside = y0 >= 0 && x0 >= 0 && y0 + 4 <= H && x0 + 4 <= W;
+#define DYNEXEC_AVX2_INLINE DYNEXEC_AVX2 inline __attribute__((always_inline))
+
+// Positions (r, 0..3) of V = B^T d B from row r of t = B^T d; B^T = [[1, 0, -1, 0],
+// [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]] (V: the first of 16 positions C floats apart).
+DYNEXEC_AVX2_INLINE void store_transformed_row(float* V, int64_t C, int r, __m256 t0, __m256 t1, __m256 t2,
+                                               __m256 t3) {
+  _mm256_storeu_ps(V + (r * 4 + 0) * C, _mm256_sub_ps(t0, t2));
+  _mm256_storeu_ps(V + (r * 4 + 1) * C, _mm256_add_ps(t1, t2));
+  _mm256_storeu_ps(V + (r * 4 + 2) * C, _mm256_sub_ps(t2, t1));
+  _mm256_storeu_ps(V + (r * 4 + 3) * C, _mm256_sub_ps(t1, t3));
+}
+
+// B^T d B for 8 channels of a 4x4 patch whose pixel (i, j) is at d + i * row + j * px.
+// Row by row of t, reloading d from L1 rather than holding all 16 vectors: 16 live vectors
+// would spill to the stack, which cost more than the reloads.
+DYNEXEC_AVX2_INLINE void transform_patch8(const float* d, int64_t px, int64_t row, float* V, int64_t C) {
+  const float *d0 = d, *d1 = d + row, *d2 = d + 2 * row, *d3 = d + 3 * row;
+  store_transformed_row(V, C, 0, _mm256_sub_ps(_mm256_loadu_ps(d0), _mm256_loadu_ps(d2)),
+                        _mm256_sub_ps(_mm256_loadu_ps(d0 + px), _mm256_loadu_ps(d2 + px)),
+                        _mm256_sub_ps(_mm256_loadu_ps(d0 + 2 * px), _mm256_loadu_ps(d2 + 2 * px)),
+                        _mm256_sub_ps(_mm256_loadu_ps(d0 + 3 * px), _mm256_loadu_ps(d2 + 3 * px)));
+  {
+    const __m256 a0 = _mm256_loadu_ps(d1), a1 = _mm256_loadu_ps(d1 + px);
+    const __m256 a2 = _mm256_loadu_ps(d1 + 2 * px), a3 = _mm256_loadu_ps(d1 + 3 * px);
+    const __m256 b0 = _mm256_loadu_ps(d2), b1 = _mm256_loadu_ps(d2 + px);
+    const __m256 b2 = _mm256_loadu_ps(d2 + 2 * px), b3 = _mm256_loadu_ps(d2 + 3 * px);
+    store_transformed_row(V, C, 1, _mm256_add_ps(a0, b0), _mm256_add_ps(a1, b1), _mm256_add_ps(a2, b2),
+                          _mm256_add_ps(a3, b3));
+    store_transformed_row(V, C, 2, _mm256_sub_ps(b0, a0), _mm256_sub_ps(b1, a1), _mm256_sub_ps(b2, a2),
+                          _mm256_sub_ps(b3, a3));
+  }
+  store_transformed_row(V, C, 3, _mm256_sub_ps(_mm256_loadu_ps(d1), _mm256_loadu_ps(d3)),
+                        _mm256_sub_ps(_mm256_loadu_ps(d1 + px), _mm256_loadu_ps(d3 + px)),
+                        _mm256_sub_ps(_mm256_loadu_ps(d1 + 2 * px), _mm256_loadu_ps(d3 + 2 * px)),
+                        _mm256_sub_ps(_mm256_loadu_ps(d1 + 3 * px), _mm256_loadu_ps(d3 + 3 * px)));
+}
+
+// V[p][C] = B^T d B for the 4x4 input patch at (y0, x0) (zero outside the image). Patches
+// inside the image are read in place; the others are copied, zero-padded, 8 channels at a
+// time into a 4x4x8 patch first.
+DYNEXEC_AVX2_INLINE void input_tile(const float* x, int64_t H, int64_t W, int64_t C, int64_t y0, int64_t x0,
+                                    float* V) {
+  if (y0 >= 0 && x0 >= 0 && y0 + 4 <= H && x0 + 4 <= W) {
+    const float* d = x + (y0 * W + x0) * C;
+    for (int64_t c = 0; c < C; c += 8) transform_patch8(d + c, C, W * C, V + c, C);
+    return;
+  }
+  bool row_in[4], col_in[4];
+  for (int i = 0; i < 4; ++i) {
+    row_in[i] = y0 + i >= 0 && y0 + i < H;
+    col_in[i] = x0 + i >= 0 && x0 + i < W;
+  }
+  alignas(32) float patch[4][4][8];
   for (int64_t c = 0; c < C; c += 8) {
-    __m256 d[4][4];
     for (int i = 0; i < 4; ++i) {
       for (int j = 0; j < 4; ++j) {
-        const int64_t y = y0 + i, xx = x0 + j;
-        d[i][j] = inside || (y >= 0 && y < H && xx >= 0 && xx < W) ? _mm256_loadu_ps(x + (y * W + xx) * C + c)
-                                                                    : _mm256_setzero_ps();
+        _mm256_store_ps(patch[i][j], row_in[i] && col_in[j]
+                                         ? _mm256_loadu_ps(x + ((y0 + i) * W + x0 + j) * C + c)
+                                         : _mm256_setzero_ps());
       }
     }
-    __m256 t[4][4];
-    for (int j = 0; j < 4; ++j) {
-      t[0][j] = _mm256_sub_ps(d[0][j], d[2][j]);
-      t[1][j] = _mm256_add_ps(d[1][j], d[2][j]);
-      t[2][j] = _mm256_sub_ps(d[2][j], d[1][j]);
-      t[3][j] = _mm256_sub_ps(d[1][j], d[3][j]);
-    }
-    for (int i = 0; i < 4; ++i) {
-      _mm256_storeu_ps(V + (i * 4 + 0) * C + c, _mm256_sub_ps(t[i][0], t[i][2]));
-      _mm256_storeu_ps(V + (i * 4 + 1) * C + c, _mm256_add_ps(t[i][1], t[i][2]));
-      _mm256_storeu_ps(V + (i * 4 + 2) * C + c, _mm256_sub_ps(t[i][2], t[i][1]));
-      _mm256_storeu_ps(V + (i * 4 + 3) * C + c, _mm256_sub_ps(t[i][1], t[i][3]));
-    }
+    transform_patch8(&patch[0][0][0], 8, 32, V + c, C);
   }
 }
 
@@ -75,14 +111,24 @@ DYNEXEC_AVX2 void tile_products(const float* V, const float* U, int64_t C, int64
   }
 }
 
+// One output pixel's 8 channels: y (+ what is there) (then ReLU), stored; returns what was
+// stored. max(0, v) is torch's ReLU exactly: maxps returns its second operand for NaN and
+// for 0 vs -0.0, so NaN and -0.0 are kept.
+template <bool kAccumulate, bool kRelu>
+DYNEXEC_AVX2_INLINE __m256 store_pixel(float* o, __m256 y) {
+  const __m256 v = kAccumulate ? _mm256_add_ps(_mm256_loadu_ps(o), y) : y;
+  const __m256 stored = kRelu ? _mm256_max_ps(_mm256_setzero_ps(), v) : v;
+  _mm256_storeu_ps(o, stored);
+  return stored;
+}
+
 // The 2x2 output tile at (y0, x0) = A^T m A + bias (+ what is there) (then ReLU), clipped
-// to the image; A^T = [[1, 1, 1, 0], [0, 1, -1, -1]]. max(0, v) is torch's ReLU exactly:
-// maxps returns its second operand for NaN and for 0 vs -0.0, so NaN and -0.0 are kept.
-// With sums, sums[oc] += the tile's output pixels (in-image ones, in row-major order) as
-// stored.
-DYNEXEC_AVX2 void output_tile(const float* M, const float* bias, int64_t H, int64_t W, int64_t K, int64_t y0,
-                              int64_t x0, bool accumulate, bool relu, float* out, float* sums) {
-  const __m256 zero = _mm256_setzero_ps();
+// to the image; A^T = [[1, 1, 1, 0], [0, 1, -1, -1]]. With sums, sums[oc] += the tile's
+// output pixels (in-image ones, in row-major order) as stored.
+template <bool kAccumulate, bool kRelu>
+DYNEXEC_AVX2_INLINE void output_tile(const float* M, const float* bias, int64_t H, int64_t W, int64_t K,
+                                     int64_t y0, int64_t x0, float* out, float* sums) {
+  const bool full = y0 + 1 < H && x0 + 1 < W;  // all 4 pixels in the image (the common case)
   for (int64_t oc = 0; oc < K; oc += 8) {
     __m256 s[2][4];
     for (int j = 0; j < 4; ++j) {
@@ -92,19 +138,56 @@ DYNEXEC_AVX2 void output_tile(const float* M, const float* bias, int64_t H, int6
       s[1][j] = _mm256_sub_ps(_mm256_sub_ps(m1, m2), m3);
     }
     const __m256 b = _mm256_loadu_ps(bias + oc);
-    __m256 tile_sum = zero;
-    for (int i = 0; i < 2 && y0 + i < H; ++i) {
-      const __m256 y[2] = {_mm256_add_ps(_mm256_add_ps(_mm256_add_ps(s[i][0], s[i][1]), s[i][2]), b),
-                           _mm256_add_ps(_mm256_sub_ps(_mm256_sub_ps(s[i][1], s[i][2]), s[i][3]), b)};
-      for (int j = 0; j < 2 && x0 + j < W; ++j) {
-        float* o = out + ((y0 + i) * W + x0 + j) * K + oc;
-        const __m256 v = accumulate ? _mm256_add_ps(_mm256_loadu_ps(o), y[j]) : y[j];
-        const __m256 stored = relu ? _mm256_max_ps(zero, v) : v;
-        _mm256_storeu_ps(o, stored);
-        tile_sum = _mm256_add_ps(tile_sum, stored);
+    __m256 y[2][2];
+    for (int i = 0; i < 2; ++i) {
+      y[i][0] = _mm256_add_ps(_mm256_add_ps(_mm256_add_ps(s[i][0], s[i][1]), s[i][2]), b);
+      y[i][1] = _mm256_add_ps(_mm256_sub_ps(_mm256_sub_ps(s[i][1], s[i][2]), s[i][3]), b);
+    }
+    float* o = out + (y0 * W + x0) * K + oc;
+    __m256 tile_sum = _mm256_setzero_ps();
+    if (full) {
+      tile_sum = _mm256_add_ps(tile_sum, store_pixel<kAccumulate, kRelu>(o, y[0][0]));
+      tile_sum = _mm256_add_ps(tile_sum, store_pixel<kAccumulate, kRelu>(o + K, y[0][1]));
+      tile_sum = _mm256_add_ps(tile_sum, store_pixel<kAccumulate, kRelu>(o + W * K, y[1][0]));
+      tile_sum = _mm256_add_ps(tile_sum, store_pixel<kAccumulate, kRelu>(o + W * K + K, y[1][1]));
+    } else {
+      for (int i = 0; i < 2 && y0 + i < H; ++i) {
+        for (int j = 0; j < 2 && x0 + j < W; ++j) {
+          tile_sum = _mm256_add_ps(tile_sum, store_pixel<kAccumulate, kRelu>(o + (i * W + j) * K, y[i][j]));
+        }
       }
     }
     if (sums) _mm256_storeu_ps(sums + oc, _mm256_add_ps(_mm256_loadu_ps(sums + oc), tile_sum));
+  }
+}
+
+// Work units lo..hi of winograd_conv3x3_nhwc_f32 (unit = img * groups + group) on this thread.
+template <bool kAccumulate, bool kRelu>
+DYNEXEC_AVX2 void run_tile_groups(const float* x, int64_t H, int64_t W, int64_t C, int64_t K, const float* U,
+                     const float* bias, float* out, float* group_sums, int64_t groups, int64_t lo, int64_t hi) {
+  thread_local std::vector<float> V, M;  // reused: no allocation per call once grown
+  V.resize(kTiles * kPositions * C);
+  M.resize(kTiles * kPositions * K);
+  const int64_t tiles_w = (W + 1) / 2, tiles = ((H + 1) / 2) * tiles_w;
+  for (int64_t unit = lo; unit < hi; ++unit) {
+    const int64_t img = unit / groups, t0 = (unit % groups) * kTiles;
+    const float* xi = x + img * H * W * C;
+    float* oi = out + img * H * W * K;
+    const int64_t count = std::min<int64_t>(kTiles, tiles - t0);
+    const int64_t ty0 = t0 / tiles_w, tx0 = t0 % tiles_w;
+    for (int64_t t = 0, ty = ty0, tx = tx0; t < count; ++t) {
+      input_tile(xi, H, W, C, 2 * ty - 1, 2 * tx - 1, V.data() + t * kPositions * C);
+      if (++tx == tiles_w) tx = 0, ++ty;
+    }
+    // the last group of an image may be short: its unused tiles compute zeros
+    std::fill(V.begin() + count * kPositions * C, V.begin() + kTiles * kPositions * C, 0.0f);
+    tile_products(V.data(), U, C, K, M.data());
+    float* sums = group_sums ? group_sums + unit * K : nullptr;
+    if (sums) std::fill(sums, sums + K, 0.0f);
+    for (int64_t t = 0, ty = ty0, tx = tx0; t < count; ++t) {
+      output_tile<kAccumulate, kRelu>(M.data() + t * kPositions * K, bias, H, W, K, 2 * ty, 2 * tx, oi, sums);
+      if (++tx == tiles_w) tx = 0, ++ty;
+    }
   }
 }
 
@@ -157,32 +240,12 @@ void winograd_conv3x3_nhwc_f32(const float* x, int64_t n, int64_t H, int64_t W, 
                                const float* U, const float* bias, bool accumulate, bool relu, float* out,
                                float* group_sums) {
   // Work units: groups of kTiles consecutive tiles of one image (row-major tile order).
-  const int64_t tiles_w = (W + 1) / 2, tiles = ((H + 1) / 2) * tiles_w;
   const int64_t groups = winograd_tile_groups(H, W);
   if (n <= 0 || groups == 0) return;
+  const auto run = accumulate ? (relu ? &run_tile_groups<true, true> : &run_tile_groups<true, false>)
+                              : (relu ? &run_tile_groups<false, true> : &run_tile_groups<false, false>);
   const std::function<void(int64_t, int64_t)> units = [&](int64_t lo, int64_t hi) {
-    thread_local std::vector<float> V, M;  // reused: no allocation per call once grown
-    V.resize(kTiles * kPositions * C);
-    M.resize(kTiles * kPositions * K);
-    for (int64_t unit = lo; unit < hi; ++unit) {
-      const int64_t img = unit / groups, t0 = (unit % groups) * kTiles;
-      const float* xi = x + img * H * W * C;
-      float* oi = out + img * H * W * K;
-      const int64_t count = std::min<int64_t>(kTiles, tiles - t0);
-      for (int64_t t = 0; t < count; ++t) {
-        const int64_t ty = (t0 + t) / tiles_w, tx = (t0 + t) % tiles_w;
-        input_tile(xi, H, W, C, 2 * ty - 1, 2 * tx - 1, V.data() + t * kPositions * C);
-      }
-      // the last group of an image may be short: its unused tiles compute zeros
-      std::fill(V.begin() + count * kPositions * C, V.begin() + kTiles * kPositions * C, 0.0f);
-      tile_products(V.data(), U, C, K, M.data());
-      float* sums = group_sums ? group_sums + unit * K : nullptr;  // (unit = img * groups + group)
-      if (sums) std::fill(sums, sums + K, 0.0f);
-      for (int64_t t = 0; t < count; ++t) {
-        const int64_t ty = (t0 + t) / tiles_w, tx = (t0 + t) % tiles_w;
-        output_tile(M.data() + t * kPositions * K, bias, H, W, K, 2 * ty, 2 * tx, accumulate, relu, oi, sums);
-      }
-    }
+    run(x, H, W, C, K, U, bias, out, group_sums, groups, lo, hi);
   };
   if (has_help_desk()) {
     // A BlockLoop shard's worker: idle workers may take chunks of ~5 us (fewer units the
