@@ -58,10 +58,6 @@ void check_indices_in_range(const char* op, const int64_t* idx, int64_t count, i
   }
 }
 
-void check_indices_distinct(const char* op, const int64_t* idx, int64_t count, int64_t n_rows) {
-  cpu::check_rows_distinct(op, idx, count, n_rows);
-}
-
 // y[r] = x[idx[r]] (idx null: r) for rows of row_len elements of esize bytes; x's rows
 // are x_bstride elements apart, y's dense.
 void gather_rows_bytes(const char* xp, int64_t x_bstride, const int64_t* ip, int64_t count, int64_t row_len,
@@ -142,7 +138,7 @@ void scatter_residual_relu_cpu(const at::Tensor& out_, const at::Tensor& y_, con
   const at::Tensor idx = idx_.narrow(0, 0, count).contiguous();
   const int64_t* ip = idx.data_ptr<int64_t>();
   check_indices_in_range("scatter_residual_relu_", ip, count, n_rows);
-  check_indices_distinct("scatter_residual_relu_", ip, count, n_rows);
+  cpu::check_rows_distinct("scatter_residual_relu_", ip, count, n_rows);
   const int64_t row_len = row_numel(out);
   if (count == 0 || row_len == 0) return;
 
@@ -290,7 +286,7 @@ void scatter_residual_relu_pool_cpu(const at::Tensor& out_, const at::Tensor& y_
   const at::Tensor idx = idx_.narrow(0, 0, count).contiguous();
   const int64_t* ip = idx.data_ptr<int64_t>();
   check_indices_in_range(op, ip, count, n_rows);
-  check_indices_distinct(op, ip, count, n_rows);
+  cpu::check_rows_distinct(op, ip, count, n_rows);
   // (H * W == 0 still writes pooled: the mean of nothing is NaN, as in torch)
   if (count == 0 || out.size(1) == 0) return;
 
