@@ -220,6 +220,18 @@ def test_bad_arguments_name_what_was_expected():
         chain.rows_add_relu_(x, idx, 2, x.clone())
 
 
+@pytest.mark.parametrize("winograd", WINOGRAD)
+def test_routed_pooled_step_refuses_repeated_rows(winograd):
+    """A row routed twice would be updated twice; the pooled step (in the Winograd
+    kernel's output pass or in the separate scatter) says which row repeats."""
+    chain, _ = make_chain(**BASIC, seed=14, winograd=winograd)
+    h = _x(4, 16, 8, seed=3)
+    out, pooled = h.clone(), torch.zeros(4, 16)
+    with pytest.raises(RuntimeError, match="distinct rows, but row 2 appears more than once"):
+        chain.rows_add_relu_pool_(h, torch.tensor([0, 2, 2, 1]), 3, out, pooled)
+    torch.testing.assert_close(out, h, rtol=0, atol=0)  # nothing written
+
+
 # ---------------------------------------------------------------- BlockLoop, built by hand
 # The C++ block loop runs branches on NHWC sub-batches in reused workspace buffers with
 # the regrouping kernels called directly (no per-call checks); these tests build loops
