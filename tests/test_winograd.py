@@ -91,7 +91,7 @@ def test_bad_arguments_name_what_was_expected():
         torch.ops.dynexec.winograd_weights(torch.randn(16, 16, 5, 5))
     with pytest.raises(RuntimeError, match="float32 weight"):
         torch.ops.dynexec.winograd_weights(w.double())
-    with pytest.raises(RuntimeError, match=r"transformed weights \[16, C, K\]"):
+    with pytest.raises(RuntimeError, match=r"transformed weights \[16, K / 16, C, 16\]"):
         torch.ops.dynexec.conv3x3_winograd(torch.randn(1, 16, 4, 4), w, b)
     with pytest.raises(RuntimeError, match=r"float32 input \[N, 16, H, W\], got Float with shape \[1, 8, 4, 4\]"):
         torch.ops.dynexec.conv3x3_winograd(torch.randn(1, 8, 4, 4), U, b)

@@ -87,16 +87,18 @@ DYNEXEC_AVX2_INLINE void input_tile(const float* x, int64_t H, int64_t W, int64_
   }
 }
 
-// M[t][p][K] = V[t][p][C] @ U[p][C][K] for kTiles tiles: per position a [kTiles x C] x [C x K]
-// product, 16 output channels at a time (8 accumulators).
+// M[t][p][K] = V[t][p][C] @ U[p] for kTiles tiles: per position a [kTiles x C] x [C x K]
+// product, 16 output channels at a time (8 accumulators), reading U in its memory order:
+// one sequential stream (see the layout in winograd_cpu.h).
 DYNEXEC_AVX2 void tile_products(const float* V, const float* U, int64_t C, int64_t K, float* M) {
   for (int p = 0; p < kPositions; ++p) {
-    const float* Up = U + p * C * K;
     for (int64_t oc = 0; oc < K; oc += 16) {
+      const float* Ub = U + (p * K + oc) * C;  // [C][16]
       __m256 acc[kTiles][2];
       for (int t = 0; t < kTiles; ++t) acc[t][0] = acc[t][1] = _mm256_setzero_ps();
       for (int64_t ic = 0; ic < C; ++ic) {
-        const __m256 u0 = _mm256_loadu_ps(Up + ic * K + oc), u1 = _mm256_loadu_ps(Up + ic * K + oc + 8);
+        const float* u = Ub + ic * 16;
+        const __m256 u0 = _mm256_loadu_ps(u), u1 = _mm256_loadu_ps(u + 8);
         for (int t = 0; t < kTiles; ++t) {
           const __m256 v = _mm256_broadcast_ss(V + (t * kPositions + p) * C + ic);
           acc[t][0] = _mm256_fmadd_ps(v, u0, acc[t][0]);
@@ -210,7 +212,7 @@ void winograd_weights_f32(const float* weight, int64_t C, int64_t K, float* U) {
       }
       for (int i = 0; i < 4; ++i) {
         for (int j = 0; j < 4; ++j) {
-          U[((i * 4 + j) * C + ic) * K + oc] = t[i][0] * G[j][0] + t[i][1] * G[j][1] + t[i][2] * G[j][2];
+          U[((i * 4 + j) * K + oc / 16 * 16) * C + ic * 16 + oc % 16] = t[i][0] * G[j][0] + t[i][1] * G[j][1] + t[i][2] * G[j][2];
         }
       }
     }
@@ -273,18 +275,18 @@ at::Tensor winograd_weights_cpu(const at::Tensor& weight_) {
               "multiple of 16, got ", weight_.scalar_type(), " with shape ", weight_.sizes());
   const at::Tensor weight = weight_.contiguous();
   const int64_t K = weight.size(0), C = weight.size(1);
-  at::Tensor U = at::empty({16, C, K}, weight.options());
+  at::Tensor U = at::empty({16, K / 16, C, 16}, weight.options());
   cpu::winograd_weights_f32(weight.const_data_ptr<float>(), C, K, U.data_ptr<float>());
   return U;
 }
 
 at::Tensor conv3x3_winograd_cpu(const at::Tensor& x_, const at::Tensor& U_, const at::Tensor& bias_) {
   check_supported("conv3x3_winograd");
-  TORCH_CHECK(U_.scalar_type() == at::kFloat && U_.dim() == 3 && U_.size(0) == 16 &&
-                  cpu::winograd_channels_ok(U_.size(1), U_.size(2)),
-              "dynexec::conv3x3_winograd: expected transformed weights [16, C, K] from winograd_weights, got ",
-              U_.scalar_type(), " with shape ", U_.sizes());
-  const int64_t C = U_.size(1), K = U_.size(2);
+  TORCH_CHECK(U_.scalar_type() == at::kFloat && U_.dim() == 4 && U_.size(0) == 16 && U_.size(3) == 16 &&
+                  cpu::winograd_channels_ok(U_.size(2), U_.size(1) * 16),
+              "dynexec::conv3x3_winograd: expected transformed weights [16, K / 16, C, 16] from winograd_weights, "
+              "got ", U_.scalar_type(), " with shape ", U_.sizes());
+  const int64_t C = U_.size(2), K = U_.size(1) * 16;
   TORCH_CHECK(x_.scalar_type() == at::kFloat && x_.dim() == 4 && x_.size(1) == C,
               "dynexec::conv3x3_winograd: expected a float32 input [N, ", C, ", H, W], got ", x_.scalar_type(),
               " with shape ", x_.sizes());

@@ -87,7 +87,7 @@ class PackedConv {
 
   std::string name_;
   at::Tensor weight_, bias_;
-  at::Tensor winograd_weights_;  // [16, IC, OC] when enable_winograd() took
+  at::Tensor winograd_weights_;  // [16, OC / 16, IC, 16] when enable_winograd() took
   int64_t oc_, ic_, kh_, kw_, stride_, padding_;
   dnnl::memory bias_memory_;
   std::mutex packs_mu_;

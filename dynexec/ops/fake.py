@@ -95,15 +95,15 @@ def _pooled_linear_fake(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
 def _winograd_weights_fake(weight: torch.Tensor):
     torch._check(weight.dim() == 4 and tuple(weight.shape[2:]) == (3, 3), lambda: (
         f"dynexec::winograd_weights: expected a weight [K, C, 3, 3], but got shape {list(weight.shape)}"))
-    return weight.new_empty((16, weight.shape[1], weight.shape[0]))
+    return weight.new_empty((16, weight.shape[0] // 16, weight.shape[1], 16))
 
 
 def _conv3x3_winograd_fake(x: torch.Tensor, weights: torch.Tensor, bias: torch.Tensor):
-    torch._check(x.dim() == 4 and weights.dim() == 3 and x.shape[1] == weights.shape[1], lambda: (
-        f"dynexec::conv3x3_winograd: expected x [N, C, H, W] and weights [16, C, K], but got shapes "
+    torch._check(x.dim() == 4 and weights.dim() == 4 and x.shape[1] == weights.shape[2], lambda: (
+        f"dynexec::conv3x3_winograd: expected x [N, C, H, W] and weights [16, K / 16, C, 16], but got shapes "
         f"{list(x.shape)} and {list(weights.shape)}"))
     n, _, h, w = x.shape
-    return x.new_empty((n, weights.shape[2], h, w)).contiguous(memory_format=torch.channels_last)
+    return x.new_empty((n, weights.shape[1] * 16, h, w)).contiguous(memory_format=torch.channels_last)
 
 
 _FAKES = {
