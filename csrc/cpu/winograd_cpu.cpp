@@ -25,6 +25,13 @@ constexpr int kPositions = 16;  // a 4x4 transformed tile
 
 #define DYNEXEC_AVX2_INLINE DYNEXEC_AVX2 inline __attribute__((always_inline))
 
+// Where U[position p][input channel ic][output channel oc] is in U's blocked layout
+// [16][K / 16][C][16] (winograd_cpu.h); one definition for the weights' writer and the
+// tile products' reader.
+inline int64_t u_index(int p, int64_t ic, int64_t oc, int64_t C, int64_t K) {
+  return (p * K + oc / 16 * 16) * C + ic * 16 + oc % 16;
+}
+
 // Positions (r, 0..3) of V = B^T d B from row r of t = B^T d; B^T = [[1, 0, -1, 0],
 // [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]] (V: the first of 16 positions C floats apart).
 DYNEXEC_AVX2_INLINE void store_transformed_row(float* V, int64_t C, int r, __m256 t0, __m256 t1, __m256 t2,
@@ -94,7 +101,7 @@ DYNEXEC_AVX2_INLINE void input_tile(const float* x, int64_t H, int64_t W, int64_
 DYNEXEC_AVX2 void tile_products(const float* V, const float* U, int64_t C, int64_t K, float* M) {
   for (int p = 0; p < kPositions; ++p) {
     for (int64_t oc = 0; oc < K; oc += 16) {
-      const float* Ub = U + (p * K + oc) * C;  // [C][16]
+      const float* Ub = U + u_index(p, 0, oc, C, K);  // [C][16] (oc: a multiple of 16)
       __m256 acc[kTiles][2];
       for (int t = 0; t < kTiles; ++t) acc[t][0] = acc[t][1] = _mm256_setzero_ps();
       for (int64_t ic = 0; ic < C; ++ic) {
@@ -222,7 +229,7 @@ void winograd_weights_f32(const float* weight, int64_t C, int64_t K, float* U) {
       }
       for (int i = 0; i < 4; ++i) {
         for (int j = 0; j < 4; ++j) {
-          U[((i * 4 + j) * K + oc / 16 * 16) * C + ic * 16 + oc % 16] = t[i][0] * G[j][0] + t[i][1] * G[j][1] + t[i][2] * G[j][2];
+          U[u_index(i * 4 + j, ic, oc, C, K)] = t[i][0] * G[j][0] + t[i][1] * G[j][1] + t[i][2] * G[j][2];
         }
       }
     }

@@ -16,9 +16,9 @@
 // once by winograd_weights_f32. The tile products read it in this order, one sequential
 // stream that the hardware prefetchers follow: a call's first tile group finds U in L3 (a
 // network's transformed weights do not fit L2), and with [16][C][K] (two blocks of 16
-// output channels interleaved per input channel) a 64-channel convolution on 8 images took
-// ~30 us longer per call with cold weights than with warm ones, ~12 us with this layout
-// (single thread, session 17).
+// output channels interleaved per input channel) a 64-channel convolution on 4-16 images
+// took 30-34 us longer per call with cold weights than with warm ones, 12-17 us with this
+// layout (single thread, session 17).
 #pragma once
 
 #include <cstdint>
