@@ -36,7 +36,7 @@ import dynexec
 from dynexec.flops import count_flops
 from dynexec.graph_engine import graph_backend_status
 from dynexec.ops import backend_status
-from dynexec.program import CONV_IMPLS, resolve_conv_impl
+from dynexec.program import CONV_IMPLS, resolve_conv_impl, winograd_available
 from dynexec.presets import PRESETS, build_preset, default_presets
 
 ROW_FIELDS = ["model", "routing_source", "device", "gpu", "batch_size", "method", "backend",
@@ -269,6 +269,8 @@ def machine_info(device: torch.device, args) -> dict:
             # the vector ISA torch and oneDNN dispatch to ("AVX512", "AVX2", ...): the same
             # cpu_model name covers hosts whose kernels differ
             "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            # dynexec's Winograd tile products: "avx512" / "avx2" (bit-identical, not equally fast)
+            "winograd_isa": torch.ops.dynexec.winograd_isa() if winograd_available() else "",
             "threads": torch.get_num_threads(),
             "gpu_label": args.gpu or "", "command": " ".join(sys.argv),
             "convolutions": resolve_conv_impl(args.convolutions),

@@ -63,6 +63,7 @@ TORCH_LIBRARY(dynexec, m) {
   m.def("winograd_weights(Tensor weight) -> Tensor");
   m.def("conv3x3_winograd(Tensor x, Tensor weights, Tensor bias) -> Tensor");
   m.def("winograd_supported() -> bool", &dynexec::cpu::winograd_supported);
+  m.def("winograd_isa() -> str", &dynexec::cpu::winograd_isa);
   m.def("cuda_version() -> int", &dynexec::cuda_version);
   // oneDNN version (major*10000 + minor*100 + patch) behind torch.classes.dynexec.OneDnnChain
   // (csrc/onednn/), or 0 when the extension was built without it.

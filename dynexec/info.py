@@ -35,7 +35,8 @@ def _conv_report() -> str:
     version = int(torch.ops.dynexec.onednn_version()) if onednn_direct_available() else 0
     onednn = (f"available (oneDNN {version // 10000}.{version // 100 % 100}.{version % 100})"
               if version else "unavailable (dynexec._C built without oneDNN)")
-    winograd = "available" if winograd_available() else "unavailable (needs oneDNN and AVX2 + FMA)"
+    winograd = (f"available (tile products: {torch.ops.dynexec.winograd_isa()})" if winograd_available()
+                else "unavailable (needs oneDNN and AVX2 + FMA)")
     return (f"auto -> {resolve_conv_impl('auto')}; winograd {winograd}; onednn {onednn}; "
             f"mkldnn {'available' if onednn_packing_available() else 'unavailable'}; aten available")
 

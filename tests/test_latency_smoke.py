@@ -30,6 +30,7 @@ def test_latency_smoke(tmp_path):
     result = json.loads(out.read_text())
     assert {"torch", "device", "threads", "cpu_model", "cpu_capability"} <= set(result["machine"])
     assert result["machine"]["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    assert result["machine"]["winograd_isa"] in ("avx512", "avx2", "")
     rows = result["rows"]
     assert all(set(r) == ROW_FIELDS for r in rows)
     methods = {(r["model"], r["batch_size"], r["method"], r["backend"]) for r in rows}

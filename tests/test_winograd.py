@@ -2,9 +2,13 @@
 conv3x3_winograd, csrc/cpu/winograd_cpu.h) against F.conv2d in float64 on fresh seeded
 random data: every channel count it takes, even / odd / 1x1 / 2x3 images (partial edge
 tiles), empty / single / odd batches, NCHW, channels_last and non-contiguous inputs,
-one and two threads, and bad arguments. Its use inside OneDnnChain is tested with the
+one and two threads, the AVX2 and AVX-512 tile products (bit for bit), and bad arguments. Its use inside OneDnnChain is tested with the
 chain (tests/test_onednn_chain.py), inside the engine in tests/test_engine.py."""
 from __future__ import annotations
+
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -67,6 +71,63 @@ def test_one_and_two_threads_agree_bitwise():
     finally:
         torch.set_num_threads(before)
     assert torch.equal(one, two)  # each tile is computed the same way on whichever thread
+
+
+# Each run: fresh seeded data, every block shape of the tile products (K % 32 == 0 and 16),
+# edge tiles, a batch of 5; the outputs are saved for the parent process to compare.
+_ISA_SCRIPT = """
+import sys, torch, dynexec
+outs = {}
+for C, K, seed in ((8, 16, 1), (16, 16, 2), (16, 32, 3), (32, 32, 4), (64, 64, 5), (24, 48, 6), (32, 80, 7), (64, 16, 8)):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(K, C, 3, 3, generator=g) / (9 * C) ** 0.5
+    b = torch.randn(K, generator=g)
+    x = torch.randn(5, C, 11, 9, generator=g).contiguous(memory_format=torch.channels_last)
+    outs[f"{C}x{K}"] = torch.ops.dynexec.conv3x3_winograd(x, torch.ops.dynexec.winograd_weights(w), b)
+torch.save({"isa": torch.ops.dynexec.winograd_isa(), "outs": outs}, sys.argv[1])
+"""
+
+
+def _run_with_isa(isa, path):
+    """The script above in a fresh process (the choice is read once per process)."""
+    env = dict(os.environ, DYNEXEC_WINOGRAD_ISA=isa)
+    return subprocess.run([sys.executable, "-c", _ISA_SCRIPT, str(path)], env=env, capture_output=True,
+                          text=True, timeout=300)
+
+
+def _cpu_has_avx512():
+    with open("/proc/cpuinfo") as f:
+        return " avx512f" in f.read()
+
+
+def test_isa_default_is_the_widest_the_cpu_has():
+    assert torch.ops.dynexec.winograd_isa() == ("avx512" if _cpu_has_avx512() else "avx2")
+
+
+def test_avx2_and_default_isa_agree_bitwise(tmp_path):
+    """Forced AVX2 against the default (AVX-512 where the CPU has it): the same
+    multiply-adds in the same order per output, so the same bits."""
+    default, forced = _run_with_isa("auto", tmp_path / "a.pt"), _run_with_isa("avx2", tmp_path / "b.pt")
+    assert default.returncode == 0 and forced.returncode == 0, default.stderr + forced.stderr
+    a = torch.load(tmp_path / "a.pt", weights_only=True)
+    b = torch.load(tmp_path / "b.pt", weights_only=True)
+    assert a["isa"] == torch.ops.dynexec.winograd_isa() and b["isa"] == "avx2"
+    assert a["outs"].keys() == b["outs"].keys()
+    for key in a["outs"]:
+        assert torch.equal(a["outs"][key], b["outs"][key]), key
+
+
+def test_bad_isa_setting_is_a_clear_error(tmp_path):
+    bad = _run_with_isa("avx1024", tmp_path / "c.pt")
+    assert bad.returncode != 0
+    assert "DYNEXEC_WINOGRAD_ISA: expected auto, avx2 or avx512, got 'avx1024'" in bad.stderr
+    required = _run_with_isa("avx512", tmp_path / "d.pt")
+    if _cpu_has_avx512():
+        assert required.returncode == 0, required.stderr
+        assert torch.load(tmp_path / "d.pt", weights_only=True)["isa"] == "avx512"
+    else:
+        assert required.returncode != 0
+        assert "DYNEXEC_WINOGRAD_ISA=avx512, but this CPU has no AVX-512" in required.stderr
 
 
 def test_nan_and_inf_inputs_stay_in_their_sample():

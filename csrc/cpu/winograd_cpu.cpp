@@ -11,10 +11,13 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
 #include <functional>
+#include <string>
 #include <vector>
 
 #define DYNEXEC_AVX2 __attribute__((target("avx2,fma")))
+#define DYNEXEC_AVX512 __attribute__((target("avx512f,fma")))
 
 namespace dynexec {
 namespace cpu {
@@ -121,6 +124,79 @@ DYNEXEC_AVX2 void tile_products(const float* V, const float* U, int64_t C, int64
   }
 }
 
+// tile_products with AVX-512: a register holds a block's 16 output channels, and a pass
+// does two blocks (32 channels: 4 tiles x 2 accumulators, as above) while K allows, then
+// one. Every output lane gets the same multiply-adds in the same order as in
+// tile_products, so the two give bit-identical results; this one runs ~5-10 % faster
+// (2 of 32 output channels per weight load instead of 1 of 16 per two loads; measured
+// on the project's AVX-512 host, single thread, warm data: 48-53 -> 50-57 GMAC/s).
+DYNEXEC_AVX512 void tile_products_avx512(const float* V, const float* U, int64_t C, int64_t K, float* M) {
+  for (int p = 0; p < kPositions; ++p) {
+    int64_t oc = 0;
+    for (; oc + 32 <= K; oc += 32) {
+      const float* Ub = U + u_index(p, 0, oc, C, K);  // blocks oc and oc + 16: [C][16] each, 16 * C apart
+      __m512 acc[kTiles][2];
+      for (int t = 0; t < kTiles; ++t) acc[t][0] = acc[t][1] = _mm512_setzero_ps();
+      for (int64_t ic = 0; ic < C; ++ic) {
+        const __m512 u0 = _mm512_loadu_ps(Ub + ic * 16), u1 = _mm512_loadu_ps(Ub + (C + ic) * 16);
+        for (int t = 0; t < kTiles; ++t) {
+          const __m512 v = _mm512_set1_ps(V[(t * kPositions + p) * C + ic]);
+          acc[t][0] = _mm512_fmadd_ps(v, u0, acc[t][0]);
+          acc[t][1] = _mm512_fmadd_ps(v, u1, acc[t][1]);
+        }
+      }
+      for (int t = 0; t < kTiles; ++t) {
+        _mm512_storeu_ps(M + (t * kPositions + p) * K + oc, acc[t][0]);
+        _mm512_storeu_ps(M + (t * kPositions + p) * K + oc + 16, acc[t][1]);
+      }
+    }
+    if (oc < K) {  // K % 32 == 16: the last block alone
+      const float* Ub = U + u_index(p, 0, oc, C, K);
+      __m512 acc[kTiles];
+      for (int t = 0; t < kTiles; ++t) acc[t] = _mm512_setzero_ps();
+      for (int64_t ic = 0; ic < C; ++ic) {
+        const __m512 u = _mm512_loadu_ps(Ub + ic * 16);
+        for (int t = 0; t < kTiles; ++t) {
+          acc[t] = _mm512_fmadd_ps(_mm512_set1_ps(V[(t * kPositions + p) * C + ic]), u, acc[t]);
+        }
+      }
+      for (int t = 0; t < kTiles; ++t) _mm512_storeu_ps(M + (t * kPositions + p) * K + oc, acc[t]);
+    }
+  }
+}
+
+using TileProducts = void (*)(const float* V, const float* U, int64_t C, int64_t K, float* M);
+
+// The tile products for this CPU, chosen once: AVX-512 when it has it, unless the
+// environment variable DYNEXEC_WINOGRAD_ISA says otherwise ("avx2": force the AVX2 code,
+// e.g. to compare the two; "avx512": require it; "auto" or unset: the default).
+struct ProductsChoice {
+  TileProducts fn = nullptr;
+  const char* isa = "";
+  std::string error;  // a bad DYNEXEC_WINOGRAD_ISA: reported by every kernel call
+};
+
+const ProductsChoice& products_choice() {
+  static const ProductsChoice choice = [] {
+    ProductsChoice c;
+    const bool avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("fma");
+    const char* env = std::getenv("DYNEXEC_WINOGRAD_ISA");
+    const std::string want = env ? env : "auto";
+    if (want == "avx2" || (want == "auto" && !avx512)) {
+      c.fn = &tile_products;
+      c.isa = "avx2";
+    } else if (want == "avx512" || want == "auto") {
+      c.fn = &tile_products_avx512;
+      c.isa = "avx512";
+      if (!avx512) c.error = "DYNEXEC_WINOGRAD_ISA=avx512, but this CPU has no AVX-512";
+    } else {
+      c.error = "DYNEXEC_WINOGRAD_ISA: expected auto, avx2 or avx512, got '" + want + "'";
+    }
+    return c;
+  }();
+  return choice;
+}
+
 // One output pixel's 8 channels: y (+ what is there) (then ReLU), stored; returns what was
 // stored. max(0, v) is torch's ReLU exactly: maxps returns its second operand for NaN and
 // for 0 vs -0.0, so NaN and -0.0 are kept.
@@ -185,6 +261,7 @@ DYNEXEC_AVX2 void run_tile_groups(const float* x, int64_t H, int64_t W, int64_t 
   // Per-thread buffers, reused (no allocation per call once grown), 64-byte aligned so that
   // no vector store into them splits a cache line.
   thread_local std::vector<float> V_buffer, M_buffer;
+  const TileProducts products = products_choice().fn;
   float* const V = aligned_buffer(V_buffer, kTiles * kPositions * C);
   float* const M = aligned_buffer(M_buffer, kTiles * kPositions * K);
   const int64_t tiles_w = (W + 1) / 2, tiles = ((H + 1) / 2) * tiles_w;
@@ -200,7 +277,7 @@ DYNEXEC_AVX2 void run_tile_groups(const float* x, int64_t H, int64_t W, int64_t 
     }
     // the last group of an image may be short: its unused tiles compute zeros
     std::fill(V + count * kPositions * C, V + kTiles * kPositions * C, 0.0f);
-    tile_products(V, U, C, K, M);
+    products(V, U, C, K, M);
     float* sums = group_sums ? group_sums + unit * K : nullptr;
     if (sums) std::fill(sums, sums + K, 0.0f);
     for (int64_t t = 0, ty = ty0, tx = tx0; t < count; ++t) {
@@ -215,6 +292,13 @@ DYNEXEC_AVX2 void run_tile_groups(const float* x, int64_t H, int64_t W, int64_t 
 bool winograd_supported() {
   static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
   return ok;
+}
+
+std::string winograd_isa() {
+  if (!winograd_supported()) return "";
+  const ProductsChoice& c = products_choice();
+  TORCH_CHECK(c.error.empty(), "dynexec: ", c.error);
+  return c.isa;
 }
 
 void winograd_weights_f32(const float* weight, int64_t C, int64_t K, float* U) {
@@ -261,6 +345,7 @@ void winograd_conv3x3_nhwc_f32(const float* x, int64_t n, int64_t H, int64_t W, 
   // Work units: groups of kTiles consecutive tiles of one image (row-major tile order).
   const int64_t groups = winograd_tile_groups(H, W);
   if (n <= 0 || groups == 0) return;
+  TORCH_CHECK(products_choice().error.empty(), "dynexec: ", products_choice().error);
   const auto run = accumulate ? (relu ? &run_tile_groups<true, true> : &run_tile_groups<true, false>)
                               : (relu ? &run_tile_groups<false, true> : &run_tile_groups<false, false>);
   const std::function<void(int64_t, int64_t)> units = [&](int64_t lo, int64_t hi) {

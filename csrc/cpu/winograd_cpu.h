@@ -22,12 +22,19 @@
 #pragma once
 
 #include <cstdint>
+#include <string>
 
 namespace dynexec {
 namespace cpu {
 
 // True when this CPU runs the kernels below (AVX2 and FMA).
 bool winograd_supported();
+
+// The instruction set of the tile products: "avx512" or "avx2" (both give bit-identical
+// results; the environment variable DYNEXEC_WINOGRAD_ISA=auto|avx2|avx512, read once,
+// overrides the choice), "" without winograd_supported(). A bad DYNEXEC_WINOGRAD_ISA is an
+// error here and in every kernel call.
+std::string winograd_isa();
 
 // The channel counts the kernels take: C input channels a multiple of 8 (one AVX2 vector per
 // step of the input transform), K output channels a multiple of 16 (two per accumulator pair).
