@@ -127,7 +127,7 @@ DYNEXEC_AVX2 void tile_products(const float* V, const float* U, int64_t C, int64
 // tile_products with AVX-512: a register holds a block's 16 output channels, and a pass
 // does two blocks (32 channels: 4 tiles x 2 accumulators, as above) while K allows, then
 // one. Every output lane gets the same multiply-adds in the same order as in
-// tile_products, so the two give bit-identical results; this one runs ~5-10 % faster
+// tile_products, so the two give bit-identical results; this one runs 4-12 % faster
 // (2 of 32 output channels per weight load instead of 1 of 16 per two loads; measured
 // on the project's AVX-512 host, single thread, warm data: 48-53 -> 50-57 GMAC/s).
 DYNEXEC_AVX512 void tile_products_avx512(const float* V, const float* U, int64_t C, int64_t K, float* M) {
@@ -169,11 +169,12 @@ using TileProducts = void (*)(const float* V, const float* U, int64_t C, int64_t
 
 // The tile products for this CPU, chosen once: AVX-512 when it has it, unless the
 // environment variable DYNEXEC_WINOGRAD_ISA says otherwise ("avx2": force the AVX2 code,
-// e.g. to compare the two; "avx512": require it; "auto" or unset: the default).
+// e.g. to compare the two; "avx512": require it; "auto" or unset: the default). A bad
+// setting is a clear error wherever the choice is used.
 struct ProductsChoice {
   TileProducts fn = nullptr;
   const char* isa = "";
-  std::string error;  // a bad DYNEXEC_WINOGRAD_ISA: reported by every kernel call
+  std::string error;
 };
 
 const ProductsChoice& products_choice() {
@@ -194,6 +195,7 @@ const ProductsChoice& products_choice() {
     }
     return c;
   }();
+  TORCH_CHECK(choice.error.empty(), "dynexec: ", choice.error);
   return choice;
 }
 
@@ -256,12 +258,12 @@ inline float* aligned_buffer(std::vector<float>& buffer, int64_t floats) {
 
 // Work units lo..hi of winograd_conv3x3_nhwc_f32 (unit = img * groups + group) on this thread.
 template <bool kAccumulate, bool kRelu>
-DYNEXEC_AVX2 void run_tile_groups(const float* x, int64_t H, int64_t W, int64_t C, int64_t K, const float* U,
-                     const float* bias, float* out, float* group_sums, int64_t groups, int64_t lo, int64_t hi) {
+DYNEXEC_AVX2 void run_tile_groups(TileProducts products, const float* x, int64_t H, int64_t W, int64_t C, int64_t K,
+                                   const float* U, const float* bias, float* out, float* group_sums, int64_t groups,
+                                   int64_t lo, int64_t hi) {
   // Per-thread buffers, reused (no allocation per call once grown), 64-byte aligned so that
   // no vector store into them splits a cache line.
   thread_local std::vector<float> V_buffer, M_buffer;
-  const TileProducts products = products_choice().fn;
   float* const V = aligned_buffer(V_buffer, kTiles * kPositions * C);
   float* const M = aligned_buffer(M_buffer, kTiles * kPositions * K);
   const int64_t tiles_w = (W + 1) / 2, tiles = ((H + 1) / 2) * tiles_w;
@@ -294,14 +296,11 @@ bool winograd_supported() {
   return ok;
 }
 
-std::string winograd_isa() {
-  if (!winograd_supported()) return "";
-  const ProductsChoice& c = products_choice();
-  TORCH_CHECK(c.error.empty(), "dynexec: ", c.error);
-  return c.isa;
-}
+std::string winograd_isa() { return winograd_supported() ? products_choice().isa : ""; }
 
-void winograd_weights_f32(const float* weight, int64_t C, int64_t K, float* U) {
+namespace {
+
+void fill_transformed_weights(const float* weight, int64_t C, int64_t K, float* U) {
   // G = [[1, 0, 0], [1/2, 1/2, 1/2], [1/2, -1/2, 1/2], [0, 0, 1]]; U = G g G^T
   static const float G[4][3] = {{1, 0, 0}, {0.5f, 0.5f, 0.5f}, {0.5f, -0.5f, 0.5f}, {0, 0, 1}};
   for (int64_t oc = 0; oc < K; ++oc) {
@@ -318,6 +317,15 @@ void winograd_weights_f32(const float* weight, int64_t C, int64_t K, float* U) {
       }
     }
   }
+}
+
+}  // namespace
+
+at::Tensor transformed_weights(const at::Tensor& weight) {
+  const int64_t K = weight.size(0), C = weight.size(1);
+  at::Tensor U = at::empty({16, K / 16, C, 16}, weight.options());
+  fill_transformed_weights(weight.const_data_ptr<float>(), C, K, U.data_ptr<float>());
+  return U;
 }
 
 int64_t winograd_tile_groups(int64_t H, int64_t W) {
@@ -345,11 +353,11 @@ void winograd_conv3x3_nhwc_f32(const float* x, int64_t n, int64_t H, int64_t W, 
   // Work units: groups of kTiles consecutive tiles of one image (row-major tile order).
   const int64_t groups = winograd_tile_groups(H, W);
   if (n <= 0 || groups == 0) return;
-  TORCH_CHECK(products_choice().error.empty(), "dynexec: ", products_choice().error);
+  const TileProducts products = products_choice().fn;
   const auto run = accumulate ? (relu ? &run_tile_groups<true, true> : &run_tile_groups<true, false>)
                               : (relu ? &run_tile_groups<false, true> : &run_tile_groups<false, false>);
   const std::function<void(int64_t, int64_t)> units = [&](int64_t lo, int64_t hi) {
-    run(x, H, W, C, K, U, bias, out, group_sums, groups, lo, hi);
+    run(products, x, H, W, C, K, U, bias, out, group_sums, groups, lo, hi);
   };
   // Chunks of ~5 us: fewer units the more channels a unit has.
   const int64_t chunk = std::max<int64_t>(1, 2048 / (C * K));
@@ -377,11 +385,7 @@ at::Tensor winograd_weights_cpu(const at::Tensor& weight_) {
                   weight_.size(3) == 3 && cpu::winograd_channels_ok(weight_.size(1), weight_.size(0)),
               "dynexec::winograd_weights: expected a float32 weight [K, C, 3, 3] with C a multiple of 8 and K a "
               "multiple of 16, got ", weight_.scalar_type(), " with shape ", weight_.sizes());
-  const at::Tensor weight = weight_.contiguous();
-  const int64_t K = weight.size(0), C = weight.size(1);
-  at::Tensor U = at::empty({16, K / 16, C, 16}, weight.options());
-  cpu::winograd_weights_f32(weight.const_data_ptr<float>(), C, K, U.data_ptr<float>());
-  return U;
+  return cpu::transformed_weights(weight_.contiguous());
 }
 
 at::Tensor conv3x3_winograd_cpu(const at::Tensor& x_, const at::Tensor& U_, const at::Tensor& bias_) {

@@ -13,13 +13,15 @@
 //
 // Layout of the transformed weights U: [16][K / 16][C][16] (position p = 4 * i + j of the
 // 4x4 tile, block of 16 output channels, input channel, output channel in the block), built
-// once by winograd_weights_f32. The tile products read it in this order, one sequential
+// once by transformed_weights. The tile products read it in this order, one sequential
 // stream that the hardware prefetchers follow: a call's first tile group finds U in L3 (a
 // network's transformed weights do not fit L2), and with [16][C][K] (two blocks of 16
 // output channels interleaved per input channel) a 64-channel convolution on 4-16 images
 // took 30-34 us longer per call with cold weights than with warm ones, 12-17 us with this
 // layout (single thread, session 17).
 #pragma once
+
+#include <ATen/core/Tensor.h>
 
 #include <cstdint>
 #include <string>
@@ -40,8 +42,9 @@ std::string winograd_isa();
 // step of the input transform), K output channels a multiple of 16 (two per accumulator pair).
 inline bool winograd_channels_ok(int64_t C, int64_t K) { return C > 0 && K > 0 && C % 8 == 0 && K % 16 == 0; }
 
-// U [16, K / 16, C, 16] from weight [K, C, 3, 3] (contiguous).
-void winograd_weights_f32(const float* weight, int64_t C, int64_t K, float* U);
+// U [16, K / 16, C, 16] from a contiguous float32 weight [K, C, 3, 3] with
+// winograd_channels_ok(C, K) (checked by the callers).
+at::Tensor transformed_weights(const at::Tensor& weight);
 
 // out[n] = conv3x3(x[n]) + bias (+ out[n] when accumulate) for n images of H x W x C
 // (NHWC-dense) into H x W x K, then ReLU when relu (torch's: NaN and -0.0 kept);

@@ -235,11 +235,7 @@ bool PackedConv::enable_winograd() {
       !cpu::winograd_supported()) {
     return false;
   }
-  if (!winograd_weights_.defined()) {
-    at::Tensor U = at::empty({16, oc_ / 16, ic_, 16}, weight_.options());
-    cpu::winograd_weights_f32(weight_.const_data_ptr<float>(), ic_, oc_, U.data_ptr<float>());
-    winograd_weights_ = U;
-  }
+  if (!winograd_weights_.defined()) winograd_weights_ = cpu::transformed_weights(weight_);
   return true;
 }
 
