@@ -124,6 +124,30 @@ DYNEXEC_AVX2 void tile_products(const float* V, const float* U, int64_t C, int64
   }
 }
 
+// One pass of tile_products_avx512: kBlocks (1 or 2) blocks of 16 output channels from oc,
+// for kTiles tiles at position p, a register per (tile, block).
+template <int kBlocks>
+DYNEXEC_AVX512 inline __attribute__((always_inline)) void products_pass_avx512(const float* V, const float* U,
+                                                                              int p, int64_t oc, int64_t C,
+                                                                              int64_t K, float* M) {
+  const float* Ub = U + u_index(p, 0, oc, C, K);  // block b: [C][16] at Ub + b * 16 * C
+  __m512 acc[kTiles][kBlocks];
+  for (int t = 0; t < kTiles; ++t) {
+    for (int b = 0; b < kBlocks; ++b) acc[t][b] = _mm512_setzero_ps();
+  }
+  for (int64_t ic = 0; ic < C; ++ic) {
+    __m512 u[kBlocks];
+    for (int b = 0; b < kBlocks; ++b) u[b] = _mm512_loadu_ps(Ub + (b * C + ic) * 16);
+    for (int t = 0; t < kTiles; ++t) {
+      const __m512 v = _mm512_set1_ps(V[(t * kPositions + p) * C + ic]);
+      for (int b = 0; b < kBlocks; ++b) acc[t][b] = _mm512_fmadd_ps(v, u[b], acc[t][b]);
+    }
+  }
+  for (int t = 0; t < kTiles; ++t) {
+    for (int b = 0; b < kBlocks; ++b) _mm512_storeu_ps(M + (t * kPositions + p) * K + oc + 16 * b, acc[t][b]);
+  }
+}
+
 // tile_products with AVX-512: a register holds a block's 16 output channels, and a pass
 // does two blocks (32 channels: 4 tiles x 2 accumulators, as above) while K allows, then
 // one. Every output lane gets the same multiply-adds in the same order as in
@@ -133,35 +157,8 @@ DYNEXEC_AVX2 void tile_products(const float* V, const float* U, int64_t C, int64
 DYNEXEC_AVX512 void tile_products_avx512(const float* V, const float* U, int64_t C, int64_t K, float* M) {
   for (int p = 0; p < kPositions; ++p) {
     int64_t oc = 0;
-    for (; oc + 32 <= K; oc += 32) {
-      const float* Ub = U + u_index(p, 0, oc, C, K);  // blocks oc and oc + 16: [C][16] each, 16 * C apart
-      __m512 acc[kTiles][2];
-      for (int t = 0; t < kTiles; ++t) acc[t][0] = acc[t][1] = _mm512_setzero_ps();
-      for (int64_t ic = 0; ic < C; ++ic) {
-        const __m512 u0 = _mm512_loadu_ps(Ub + ic * 16), u1 = _mm512_loadu_ps(Ub + (C + ic) * 16);
-        for (int t = 0; t < kTiles; ++t) {
-          const __m512 v = _mm512_set1_ps(V[(t * kPositions + p) * C + ic]);
-          acc[t][0] = _mm512_fmadd_ps(v, u0, acc[t][0]);
-          acc[t][1] = _mm512_fmadd_ps(v, u1, acc[t][1]);
-        }
-      }
-      for (int t = 0; t < kTiles; ++t) {
-        _mm512_storeu_ps(M + (t * kPositions + p) * K + oc, acc[t][0]);
-        _mm512_storeu_ps(M + (t * kPositions + p) * K + oc + 16, acc[t][1]);
-      }
-    }
-    if (oc < K) {  // K % 32 == 16: the last block alone
-      const float* Ub = U + u_index(p, 0, oc, C, K);
-      __m512 acc[kTiles];
-      for (int t = 0; t < kTiles; ++t) acc[t] = _mm512_setzero_ps();
-      for (int64_t ic = 0; ic < C; ++ic) {
-        const __m512 u = _mm512_loadu_ps(Ub + ic * 16);
-        for (int t = 0; t < kTiles; ++t) {
-          acc[t] = _mm512_fmadd_ps(_mm512_set1_ps(V[(t * kPositions + p) * C + ic]), u, acc[t]);
-        }
-      }
-      for (int t = 0; t < kTiles; ++t) _mm512_storeu_ps(M + (t * kPositions + p) * K + oc, acc[t]);
-    }
+    for (; oc + 32 <= K; oc += 32) products_pass_avx512<2>(V, U, p, oc, C, K, M);
+    if (oc < K) products_pass_avx512<1>(V, U, p, oc, C, K, M);  // K % 32 == 16: the last block alone
   }
 }
 
