@@ -77,7 +77,7 @@ def _native_build():
     use_cuda = cuda_possible if want == "" else want == "1"
 
     rel = lambda pattern: sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern)))
-    sources = ["csrc/dynexec.cpp"] + rel("csrc/cpu/*.cpp")
+    sources = ["csrc/dynexec.cpp"] + rel("csrc/ops/cpu/*.cpp")
     # (torch adds -DPy_LIMITED_API itself for py_limited_api extensions)
     # -fno-trapping-math / -fno-math-errno as torch itself is built: no FP-exception or
     # errno side effects to preserve, so loops with selects and math vectorise (gate_cpu).
@@ -92,7 +92,7 @@ def _native_build():
     include_dirs = [os.path.join(ROOT, "csrc")]
     kwargs = {}
     if use_cuda:
-        sources += rel("csrc/cuda/*.cu")
+        sources += rel("csrc/ops/cuda/*.cu")
         define_macros.append(("DYNEXEC_WITH_CUDA", None))
         extra_inc = os.environ.get("DYNEXEC_CUDA_INCLUDE_DIRS", "")
         cuda_extra_include_dirs = [p for p in extra_inc.split(os.pathsep) if p]
@@ -112,7 +112,7 @@ def _native_build():
                  "onednn-cpu-gomp onednn-devel-cpu-gomp, or set DYNEXEC_ONEDNN_ROOT)")
     libraries, library_dirs = [], []
     if onednn is not None:
-        sources += rel("csrc/onednn/*.cpp")
+        sources += rel("csrc/convolution/*.cpp") + rel("csrc/executor/*.cpp")
         define_macros.append(("DYNEXEC_WITH_ONEDNN", None))
         include_dirs.append(onednn[0])
         libraries.append("dnnl")
@@ -157,7 +157,7 @@ setup(
     version="0.1.0",
     description="Inference engine for dynamic-depth residual networks (SkipNet, BlockDrop)",
     python_requires=">=3.10",
-    packages=["dynexec", "dynexec.models", "dynexec.ops", "dynexec.kernels"],
+    packages=["dynexec", "dynexec.models", "dynexec.runtime", "dynexec.runtime.ops", "dynexec.tools", "dynexec.kernels"],
     package_dir={"dynexec.kernels": "kernels"},
     install_requires=["torch>=2.4", "numpy"],
     extras_require={

@@ -5,13 +5,13 @@
                                  [--stat median|min] [--sections ops,fused,winograd] [--fused-smoke]
 
 Section "ops": for every op and shape, the best PyTorch composition of the work (the
-baseline) and every selected backend (dynexec.ops.get_backend: native = the C++/CUDA
+baseline) and every selected backend (dynexec.runtime.ops.get_backend: native = the C++/CUDA
 extension, triton = dynexec.kernels, torch = dynexec's pure-PyTorch reference, which also
 validates its arguments) run side by side, interleaved, in one run. Each backend's result
 is checked against the baseline's before it is timed. Ratio = baseline / backend (> 1: the
 backend is faster).
 
-Baselines (plain compositions, without the argument checks of dynexec.ops.reference):
+Baselines (plain compositions, without the argument checks of dynexec.runtime.ops.reference):
   partition    nonzero + cat
   gather_rows  index_select (for channels_last: index_select on the NHWC view, one pass)
   scatter      index_select + add + relu + index_copy_, and the same with in-place
@@ -61,9 +61,9 @@ import torch
 import torch.nn.functional as F
 from torch.utils.benchmark import Timer
 
-from dynexec import _native  # noqa: F401  (importing dynexec registers the native ops)
-from dynexec.ops import BACKENDS, backend_status, get_backend
-from dynexec.ops import reference as ref
+from dynexec.runtime import extension as _native  # noqa: F401  (importing dynexec registers the native ops)
+from dynexec.runtime.ops import BACKENDS, backend_status, get_backend
+from dynexec.runtime.ops import reference as ref
 
 CIFAR = [(128, 16, 32, 32), (128, 32, 16, 16), (128, 64, 8, 8)]
 CIFAR_FULL = CIFAR + [(64, 16, 32, 32), (256, 16, 32, 32), (256, 64, 8, 8)]
@@ -671,7 +671,7 @@ def winograd_cases(quick: bool) -> list[tuple[int, int, int]]:
 
 
 def run_winograd(args, threads: int) -> tuple[list[dict], bool]:
-    from dynexec.program import winograd_available
+    from dynexec.runtime.program import winograd_available
     if not winograd_available():
         print("winograd section skipped: needs dynexec._C with oneDNN and a CPU with AVX2 + FMA")
         return [], True

@@ -33,11 +33,11 @@ from dataclasses import dataclass
 import torch
 
 import dynexec
-from dynexec.flops import count_flops
-from dynexec.graph_engine import graph_backend_status
-from dynexec.ops import backend_status
-from dynexec.program import CONV_IMPLS, resolve_conv_impl, winograd_available
-from dynexec.presets import PRESETS, build_preset, default_presets
+from dynexec.models.flops import count_flops
+from dynexec.runtime.graph_engine import graph_backend_status
+from dynexec.runtime.ops import backend_status
+from dynexec.runtime.program import CONV_IMPLS, resolve_conv_impl, winograd_available
+from dynexec.tools.presets import PRESETS, build_preset, default_presets
 
 ROW_FIELDS = ["model", "routing_source", "device", "gpu", "batch_size", "method", "backend",
               "ms_median", "ms_p20", "ms_p80", "samples_per_s", "executed_fraction",

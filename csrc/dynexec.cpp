@@ -1,13 +1,13 @@
 // dynexec._C: operator schemas of the regrouping and gate ops (registered once, here) and
 // the Python module stub that makes the shared library importable as `dynexec._C`.
 //
-// Kernels are registered per backend with TORCH_LIBRARY_IMPL in csrc/cpu/*.cpp and
-// csrc/cuda/*.cu; fake (meta) kernels for torch.compile live in dynexec/ops/fake.py.
+// Kernels are registered per backend with TORCH_LIBRARY_IMPL in csrc/ops/cpu/*.cpp and
+// csrc/ops/cuda/*.cu; fake (meta) kernels for torch.compile live in dynexec/runtime/ops/fake.py.
 #include <Python.h>
 
 #include <torch/library.h>
 
-#include "cpu/winograd_cpu.h"
+#include "ops/cpu/winograd_cpu.h"
 
 #ifdef DYNEXEC_WITH_CUDA
 #include <cuda.h>
@@ -26,7 +26,7 @@ int64_t cuda_version() {
 }
 
 #ifdef DYNEXEC_WITH_ONEDNN
-int64_t onednn_version();     // csrc/onednn/register.cpp
+int64_t onednn_version();     // csrc/executor/register.cpp
 int64_t onednn_plan_count();
 std::vector<std::string> onednn_plan_impls();
 #else
@@ -59,14 +59,14 @@ TORCH_LIBRARY(dynexec, m) {
   // A classifier head: global average pooling, linear layer, optional sigmoid (a policy's
   // block probabilities) -> [N, K].
   m.def("pooled_linear(Tensor h, Tensor weight, Tensor bias, bool sigmoid) -> Tensor");
-  // Winograd F(2x2, 3x3) convolution, 3x3 stride 1 padding 1 (csrc/cpu/winograd_cpu.h)
+  // Winograd F(2x2, 3x3) convolution, 3x3 stride 1 padding 1 (csrc/ops/cpu/winograd_cpu.h)
   m.def("winograd_weights(Tensor weight) -> Tensor");
   m.def("conv3x3_winograd(Tensor x, Tensor weights, Tensor bias) -> Tensor");
   m.def("winograd_supported() -> bool", &dynexec::cpu::winograd_supported);
   m.def("winograd_isa() -> str", &dynexec::cpu::winograd_isa);
   m.def("cuda_version() -> int", &dynexec::cuda_version);
   // oneDNN version (major*10000 + minor*100 + patch) behind torch.classes.dynexec.OneDnnChain
-  // (csrc/onednn/), or 0 when the extension was built without it.
+  // (csrc/convolution/), or 0 when the extension was built without it.
   m.def("onednn_version() -> int", &dynexec::onednn_version);
   // oneDNN primitives created so far (one per convolution geometry and sub-batch size).
   m.def("onednn_plan_count() -> int", &dynexec::onednn_plan_count);

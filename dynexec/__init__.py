@@ -7,14 +7,15 @@ from __future__ import annotations
 
 import warnings
 
-from . import _native, models
-from .checkpoints import CheckpointError, load_checkpoint
-from .engine import Engine, compile
+from . import models
 from .models import build
+from .models.checkpoints import CheckpointError, load_checkpoint
+from .runtime import extension as _extension
+from .runtime.engine import Engine, compile
 
 # Load the native extension now, so its ops are registered; without it the engine still
 # works on the pure-PyTorch backend. A CUDA-version mismatch raises a clear RuntimeError.
-_native_module, _native_reason = _native.load()
+_native_module, _native_reason = _extension.load()
 if _native_module is None:
     warnings.warn(f"dynexec: native extension unavailable, using the 'torch' backend: "
                   f"{_native_reason}", RuntimeWarning, stacklevel=2)

@@ -8,12 +8,12 @@ import platform
 import torch
 
 from . import __version__
-from .graph_engine import graph_backend_status
-from .ops import BACKENDS, backend_status, get_backend
+from .runtime.graph_engine import graph_backend_status
+from .runtime.ops import BACKENDS, backend_status, get_backend
 
 OPS = ("partition", "gather_rows", "scatter_residual_relu_", "downsample_b",
        "scatter_residual_relu_pool_", "recurrent_gate_step", "relu_pool_")
-# ops the triton backend runs as the torch reference (see dynexec.ops)
+# ops the triton backend runs as the torch reference (see dynexec.runtime.ops)
 TRITON_REFERENCE_OPS = ("recurrent_gate_step",)
 
 
@@ -30,7 +30,7 @@ def _op_rows(backend: str, ok: bool) -> list[tuple[str, str]]:
 
 
 def _conv_report() -> str:
-    from .program import (onednn_direct_available, onednn_packing_available, resolve_conv_impl,
+    from .runtime.program import (onednn_direct_available, onednn_packing_available, resolve_conv_impl,
                           winograd_available)
     version = int(torch.ops.dynexec.onednn_version()) if onednn_direct_available() else 0
     onednn = (f"available (oneDNN {version // 10000}.{version // 100 % 100}.{version % 100})"

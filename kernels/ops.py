@@ -14,7 +14,7 @@ library FRAGMENT, so both coexist):
 
 The plain functions :func:`partition`, :func:`gather_rows`, :func:`scatter_residual_relu_`,
 :func:`scatter_residual_relu_pool_`, :func:`relu_pool_` and :func:`downsample_b` have the reference signatures
-(``dynexec.ops.reference``) and call these ops. :func:`is_available` reports whether they can run here.
+(``dynexec.runtime.ops.reference``) and call these ops. :func:`is_available` reports whether they can run here.
 
 Registration details (torch 2.13, triton 3.9):
 

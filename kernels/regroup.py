@@ -1,6 +1,6 @@
 """Triton kernels + Python launchers for the dynexec regrouping ops.
 
-Semantics are defined by :mod:`dynexec.ops.reference` (the contract); this module
+Semantics are defined by :mod:`dynexec.runtime.ops.reference` (the contract); this module
 reproduces them with Triton kernels:
 
 * :func:`partition`              stable compaction of a boolean routing mask

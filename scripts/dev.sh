@@ -51,10 +51,10 @@ setup() {
   python - <<'PY'
 import sys, warnings
 warnings.simplefilter("ignore")
-from dynexec.ops import backend_status
+from dynexec.runtime.ops import backend_status
 ok, why = backend_status("cpu")["native"]
 print("[dev.sh] native backend:", "available" if ok else "MISSING - " + why, file=sys.stderr)
-from dynexec.program import onednn_direct_available
+from dynexec.runtime.program import onednn_direct_available
 onednn = ok and onednn_direct_available()
 print("[dev.sh] oneDNN convolutions:", "available" if onednn else "MISSING", file=sys.stderr)
 sys.exit(0 if onednn else 1)

@@ -21,7 +21,7 @@ import pytest
 import torch
 
 import dynexec
-from dynexec.calibrate import calibrate, randomize_batchnorm
+from dynexec.tools.calibrate import calibrate, randomize_batchnorm
 
 
 def _use_this_checkouts_kernels() -> None:

@@ -1,4 +1,4 @@
-"""dynexec.data: Fashion-MNIST reading, padding, normalisation, augmentation, batching."""
+"""dynexec.tools.data: Fashion-MNIST reading, padding, normalisation, augmentation, batching."""
 from __future__ import annotations
 
 import gzip

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import dynexec
-from dynexec.flops import blockdrop_stats, count_flops, skipnet_computation_percentage
+from dynexec.models.flops import blockdrop_stats, count_flops, skipnet_computation_percentage
 
 
 @pytest.mark.parametrize("name,dense,policy", [
@@ -45,7 +45,7 @@ def test_skipnet_gates_counted_per_decision():
 
 def test_recurrent_gate_counts_embedding_lstm_step_and_projection():
     """SkipNet's recurrent gate: the 1x1 embedding of the pooled block output, one LSTM
-    step (2 x (4H x E + 4H x H), which FlopCounterMode does not know and dynexec.flops
+    step (2 x (4H x E + 4H x H), which FlopCounterMode does not know and dynexec.models.flops
     adds) and the projection."""
     model = dynexec.build("cifar10_rnn_gate_110").eval()
     table = count_flops(model)

@@ -14,8 +14,8 @@ import torch  # noqa: E402
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-from dynexec import _native  # noqa: E402
-from dynexec.ops import reference as ref  # noqa: E402
+from dynexec.runtime import extension as _native  # noqa: E402
+from dynexec.runtime.ops import reference as ref  # noqa: E402
 
 ERRORS = (RuntimeError, ValueError, IndexError)
 pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")

@@ -18,7 +18,7 @@ os.environ.setdefault("TRITON_INTERPRET", "1")  # before any Triton kernel is de
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from dynexec.ops import backend_status, get_backend  # noqa: E402
+from dynexec.runtime.ops import backend_status, get_backend  # noqa: E402
 
 BACKENDS = ("native", "triton", "torch")
 ERRORS = (RuntimeError, ValueError)

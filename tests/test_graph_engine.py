@@ -1,4 +1,4 @@
-"""Tests for the triton-graph backend (dynexec.graph_engine) on CPU.
+"""Tests for the triton-graph backend (dynexec.runtime.graph_engine) on CPU.
 
 Without a GPU the Triton kernels run on CPU tensors under the Triton interpreter, so
 TRITON_INTERPRET=1 is set before the kernel modules are imported (and they are reloaded
@@ -12,7 +12,7 @@ blocks, projection shortcuts) and BlockDrop (DownsampleB) with per-sample mixed,
 all-on and all-off routings; no host sync in the forward; the same launch sequence for
 different routings.
 
-Routing set-up: ``dynexec.calibrate.calibrate`` shifts the router bias by one common
+Routing set-up: ``dynexec.tools.calibrate.calibrate`` shifts the router bias by one common
 offset; on these random-weight models that gives routings that are uniform across the
 samples of a batch (every sample runs the same blocks), which would never exercise the
 gather/scatter of a partially routed block. ``_split_routers`` therefore sets the
@@ -39,7 +39,7 @@ pytest.importorskip("triton")
 
 import dynexec  # noqa: E402
 from dynexec import graph_engine as ge  # noqa: E402
-from dynexec.calibrate import calibrate, randomize_batchnorm  # noqa: E402
+from dynexec.tools.calibrate import calibrate, randomize_batchnorm  # noqa: E402
 from dynexec.kernels import indexed_conv as ic  # noqa: E402
 from dynexec.kernels import regroup as rg  # noqa: E402
 from dynexec.models.blockdrop import BlockDrop  # noqa: E402
@@ -226,7 +226,7 @@ def test_needs_cuda_or_interpreter():
         import os
         os.environ.pop("TRITON_INTERPRET", None)
         import torch, dynexec
-        from dynexec.graph_engine import make_graph_engine
+        from dynexec.runtime.graph_engine import make_graph_engine
         model = dynexec.build("cifar10_rnn_gate_38", layers=[1, 1, 1]).eval()
         try:
             make_graph_engine(model)

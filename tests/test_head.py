@@ -9,15 +9,15 @@ import torch
 from torch import nn
 
 import dynexec
-from dynexec import _native
+from dynexec.runtime import extension as _native
 from dynexec.models.common import HeadView
-from dynexec.ops import reference as ref
-from dynexec.program import FoldedHead, threshold_rule
+from dynexec.runtime.ops import reference as ref
+from dynexec.runtime.program import FoldedHead, threshold_rule
 from conftest import make_model
 
 _C, _REASON = _native.load()
 pytestmark = pytest.mark.skipif(_C is None, reason=f"native extension dynexec._C is not available: {_REASON}")
-needs_onednn = pytest.mark.skipif(not dynexec.program.onednn_direct_available(),
+needs_onednn = pytest.mark.skipif(not dynexec.runtime.program.onednn_direct_available(),
                                   reason="dynexec._C built without oneDNN")
 
 
@@ -191,7 +191,7 @@ def test_whole_forward_equals_the_split_forward():
     model = make_model("blockdrop-cifar")
     engine = dynexec.compile(model, backend="native", convolutions="onednn")
     p = engine.program
-    split = dynexec.engine.Engine(dataclasses.replace(
+    split = dynexec.runtime.engine.Engine(dataclasses.replace(
         p, native_loop=dataclasses.replace(p.native_loop, whole=False),
         policy=dataclasses.replace(p.policy, native_loop=dataclasses.replace(p.policy.native_loop, whole=False))),
         engine.backend)

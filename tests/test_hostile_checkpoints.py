@@ -19,7 +19,7 @@ import torch
 from torch._utils import _rebuild_tensor_v2
 
 import dynexec
-from dynexec.checkpoints import CheckpointError, legacy_state_dict, load_checkpoint, read_file
+from dynexec.models.checkpoints import CheckpointError, legacy_state_dict, load_checkpoint, read_file
 from conftest import make_model
 
 MARKER = "PWNED_BY_CHECKPOINT"

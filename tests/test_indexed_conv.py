@@ -33,7 +33,7 @@ pytestmark = pytest.mark.skipif(not ic.HAS_TRITON, reason="triton not installed"
 DEVICE = "cpu" if ic.INTERPRET else "cuda"
 
 try:  # the project's reference partition defines the idx/count contract
-    from dynexec.ops.reference import partition
+    from dynexec.runtime.ops.reference import partition
 except ImportError:  # pragma: no cover
     def partition(mask):
         mask = mask.reshape(-1).bool()

@@ -139,7 +139,7 @@ def test_gather_and_scatter_compositions_keep_layout(cl):
 
 
 def test_baseline_compositions_match_reference():
-    from dynexec.ops import reference as ref
+    from dynexec.runtime.ops import reference as ref
     g = torch.Generator().manual_seed(0)
     mask = torch.rand(50, generator=g) < 0.4
     i, c = kb.partition_composition(mask)
@@ -224,7 +224,7 @@ def test_fused_smoke_under_interpreter(tmp_path):
 
 
 def test_quick_cpu_winograd_run(tmp_path):
-    from dynexec.program import winograd_available
+    from dynexec.runtime.program import winograd_available
     if not winograd_available():
         pytest.skip("no Winograd kernel here (needs dynexec._C with oneDNN and AVX2 + FMA)")
     data, stdout = _run(["--quick", "--device", "cpu", "--threads", "1", "--rounds", "1",

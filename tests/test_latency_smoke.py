@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from dynexec.presets import build_preset
+from dynexec.tools.presets import build_preset
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ROW_FIELDS = {"model", "routing_source", "device", "gpu", "batch_size", "method", "backend",

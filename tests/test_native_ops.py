@@ -1,6 +1,6 @@
 """Tests of the native extension dynexec._C (torch.ops.dynexec.*) against the reference.
 
-Every op is compared BITWISE with dynexec.ops.reference on fresh random data (plus
+Every op is compared BITWISE with dynexec.runtime.ops.reference on fresh random data (plus
 -0.0 / NaN / Inf where it matters), across dtypes, NCHW / channels_last / non-contiguous
 layouts, odd sizes and edge counts. Error cases must raise RuntimeError with a message
 naming what was expected and what was given. torch.library.opcheck checks the schemas
@@ -16,8 +16,8 @@ import torch.nn.functional as F
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from dynexec import _native
-from dynexec.ops import reference as ref
+from dynexec.runtime import extension as _native
+from dynexec.runtime.ops import reference as ref
 
 _C, _REASON = _native.load()
 pytestmark = pytest.mark.skipif(

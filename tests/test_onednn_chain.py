@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 import dynexec  # noqa: F401  (loads dynexec._C)
-from dynexec.program import onednn_direct_available, winograd_available
+from dynexec.runtime.program import onednn_direct_available, winograd_available
 
 pytestmark = pytest.mark.skipif(not onednn_direct_available(),
                                 reason="dynexec._C was built without oneDNN (see setup.py)")

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import dynexec
-from dynexec.ops import backend_status
+from dynexec.runtime.ops import backend_status
 from conftest import input_size, make_model, rel_err
 
 BACKENDS = [name for name in ("native", "torch") if backend_status("cpu")[name][0]]

@@ -16,8 +16,8 @@ import torch
 import dynexec
 from dynexec import data as data_mod
 from dynexec import train as train_mod
-from dynexec.checkpoints import load_checkpoint
-from dynexec.eval import load_model
+from dynexec.models.checkpoints import load_checkpoint
+from dynexec.tools.eval import load_model
 
 HAVE_FMNIST = data_mod.fashion_mnist_available()
 DATA = "fashion-mnist" if HAVE_FMNIST else "synthetic"

@@ -7,7 +7,7 @@ the same pytest process already imported it in compiled mode, the module is relo
 (the registered torch ops look the launchers up at call time, so they follow the reload;
 test_reload_after_compiled_import checks that path in a fresh interpreter).
 
-Every op is compared bit-for-bit with the pure-PyTorch reference (dynexec.ops.reference).
+Every op is compared bit-for-bit with the pure-PyTorch reference (dynexec.runtime.ops.reference).
 """
 import os
 
@@ -21,7 +21,7 @@ import textwrap  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from dynexec.ops import reference as ref  # noqa: E402
+from dynexec.runtime.ops import reference as ref  # noqa: E402
 
 triton = pytest.importorskip("triton")
 
@@ -478,7 +478,7 @@ def test_reload_after_compiled_import():
         import os, importlib, torch
         os.environ.pop("TRITON_INTERPRET", None)
         from dynexec.kernels import ops, regroup
-        from dynexec.ops import reference as ref
+        from dynexec.runtime.ops import reference as ref
         assert not regroup.kernels_interpreted()
         assert not ops.is_available()[0]
         try:

@@ -1,5 +1,5 @@
 """dynexec's Winograd F(2x2, 3x3) convolution (torch.ops.dynexec.winograd_weights /
-conv3x3_winograd, csrc/cpu/winograd_cpu.h) against F.conv2d in float64 on fresh seeded
+conv3x3_winograd, csrc/ops/cpu/winograd_cpu.h) against F.conv2d in float64 on fresh seeded
 random data: every channel count it takes, even / odd / 1x1 / 2x3 images (partial edge
 tiles), empty / single / odd batches, NCHW, channels_last and non-contiguous inputs,
 one and two threads, the AVX2 and AVX-512 tile products (bit for bit), and bad arguments. Its use inside OneDnnChain is tested with the
@@ -166,7 +166,7 @@ def test_fake_kernels_give_the_real_shapes_and_layout():
     """torch.compile traces the ops through their fake kernels (dynexec/ops/fake.py)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    from dynexec.ops import fake
+    from dynexec.runtime.ops import fake
     fake.register()
     w, b = _conv(16, 32, seed=8)
     U = torch.ops.dynexec.winograd_weights(w)

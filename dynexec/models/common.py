@@ -1,7 +1,7 @@
 """Pieces shared by the SkipNet and BlockDrop re-implementations.
 
 Every dynamic model in dynexec exposes the small *routed-model interface* that the
-lowering in ``dynexec.program`` reads (see ``RoutedModel``). The eager ``forward`` of each
+lowering in ``dynexec.runtime.program`` reads (see ``RoutedModel``). The eager ``forward`` of each
 model is the official masked semantics and serves as the reference for the engine.
 """
 from __future__ import annotations
@@ -110,7 +110,7 @@ class RoutedModel(nn.Module):
     in_channels: int = 3
     model_name: str = "model"
 
-    # -- interface read by dynexec.program -------------------------------------------
+    # -- interface read by dynexec.runtime -------------------------------------------
     def stem(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
 

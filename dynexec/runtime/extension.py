@@ -2,7 +2,7 @@
 
 ``load()`` imports the extension (which registers the C++/CUDA kernels), checks that it
 was compiled against the same CUDA version as the running torch, and registers the fake
-(meta) kernels from ``dynexec.ops.fake`` so the ops work under torch.compile / FakeTensor.
+(meta) kernels from ``dynexec.runtime.ops.fake`` so the ops work under torch.compile / FakeTensor.
 It never warns; callers decide how to report an unavailable extension.
 """
 from __future__ import annotations

@@ -2,7 +2,7 @@
 // before BlockLoop, whose methods take OneDnnChains (the order within one translation
 // unit is defined; across units it is the link order).
 #include "block_loop.h"
-#include "chain.h"
+#include "../convolution/chain.h"
 
 namespace dynexec {
 

@@ -2,7 +2,7 @@
 
 What it does
 ------------
-``GraphEngine`` runs the same function as :class:`dynexec.engine.Engine` (and as the
+``GraphEngine`` runs the same function as :class:`dynexec.runtime.engine.Engine` (and as the
 official masked models), but without a single device->host synchronisation between the
 input and the logits. Per forward::
 
@@ -82,7 +82,7 @@ import torch
 from torch import nn
 
 from .engine import check_routing
-from .models.common import RoutedModel
+from ..models.common import RoutedModel
 from .program import Program, lower
 
 __all__ = ["GraphEngine", "make_graph_engine", "graph_backend_status"]
@@ -98,7 +98,7 @@ def _kernel_modules():
     """(indexed_conv, regroup) modules. Attributes are looked up at call time, so an
     ``importlib.reload`` of either module (tests switching to the interpreter) is
     followed automatically."""
-    from .kernels import indexed_conv, regroup  # noqa: WPS433 - optional dependency
+    from ..kernels import indexed_conv, regroup  # noqa: WPS433 - optional dependency
     return indexed_conv, regroup
 
 
@@ -289,7 +289,7 @@ class _GraphRunner:
 # --------------------------------------------------------------------------------------
 class GraphEngine:
     """A compiled model on the ``triton-graph`` backend. Same call API as
-    :class:`dynexec.engine.Engine`: ``engine(x)`` -> logits; ``engine(x,
+    :class:`dynexec.runtime.engine.Engine`: ``engine(x)`` -> logits; ``engine(x,
     return_routing=True)`` -> (logits, routing[N, K] bool); ``engine(x, routing=r)`` runs
     a given routing instead of the model's router. Build it with
     :func:`make_graph_engine`. See the module docstring for the design."""

@@ -21,9 +21,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .models.blockdrop import BasicBlock as BDBasic, Bottleneck as BDBottleneck, DownsampleB
-from .models.common import BlockView, HeadView, RoutedModel, StemView
-from .models.skipnet import BasicBlock as SNBasic, Bottleneck as SNBottleneck
+from ..models.blockdrop import BasicBlock as BDBasic, Bottleneck as BDBottleneck, DownsampleB
+from ..models.common import BlockView, HeadView, RoutedModel, StemView
+from ..models.skipnet import BasicBlock as SNBasic, Bottleneck as SNBottleneck
 from .ops import reference
 
 
@@ -38,7 +38,7 @@ def onednn_packing_available() -> bool:
 
 def onednn_direct_available() -> bool:
     """dynexec._C was built with its own oneDNN primitives (torch.classes.dynexec.OneDnnChain, BlockLoop)."""
-    from ._native import load
+    from .extension import load
     module, _ = load()
     return module is not None and torch.ops.dynexec.onednn_version() > 0
 
@@ -51,7 +51,7 @@ def winograd_available() -> bool:
 def resolve_conv_impl(requested: str) -> str:
     """The convolution implementation of CPU float32 NHWC programs:
     'winograd' - 'onednn', with the 3x3 stride-1 convolutions (channels multiples of 8
-               in, 16 out) on dynexec's Winograd F(2x2, 3x3) kernel (csrc/cpu/winograd_cpu.h);
+               in, 16 out) on dynexec's Winograd F(2x2, 3x3) kernel (csrc/ops/cpu/winograd_cpu.h);
     'onednn' - primitives created once and executed directly by dynexec._C (fastest: no
                per-call descriptor work, which dominates small routed sub-batches);
     'mkldnn' - torch's oneDNN op on weights pre-packed once;

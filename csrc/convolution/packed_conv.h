@@ -63,7 +63,7 @@ class PackedConv {
   void check_input(const Nhwc& x) const;
 
   // Runs this convolution with dynexec's Winograd F(2x2, 3x3) kernel from now on
-  // (csrc/cpu/winograd_cpu.h) when it is eligible — 3x3, stride 1, padding 1, input
+  // (csrc/ops/cpu/winograd_cpu.h) when it is eligible — 3x3, stride 1, padding 1, input
   // channels a multiple of 8, output channels a multiple of 16, a CPU with AVX2 and FMA; returns
   // whether it does. Call before the convolution is shared between threads.
   bool enable_winograd();

@@ -29,11 +29,11 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from . import models
-from .models.blockdrop import (BasicBlock as BDBasic, BlockDrop, Bottleneck as BDBottleneck,
+from .. import models
+from .blockdrop import (BasicBlock as BDBasic, BlockDrop, Bottleneck as BDBottleneck,
                                FlatResNet, FlatResNet32, FlatResNet224, Policy32, Policy224)
-from .models.common import RoutedModel
-from .models.skipnet import (BasicBlock as SNBasic, Bottleneck as SNBottleneck, PlainResNet,
+from .common import RoutedModel
+from .skipnet import (BasicBlock as SNBasic, Bottleneck as SNBottleneck, PlainResNet,
                              SkipNet)
 
 _SKIPNET_NAMES = set(models.skipnet_constructors())

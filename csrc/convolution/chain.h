@@ -26,11 +26,11 @@
 #include <string>
 #include <vector>
 
-#include "../cpu/regroup_cpu.h"
-#include "../cpu/winograd_cpu.h"
-#include "native_ops.h"
+#include "../ops/cpu/regroup_cpu.h"
+#include "../ops/cpu/winograd_cpu.h"
+#include "../executor/native_ops.h"
 #include "packed_conv.h"
-#include "workspace.h"
+#include "../executor/workspace.h"
 
 namespace dynexec {
 

@@ -1,4 +1,4 @@
-// Index arithmetic shared by the CPU (csrc/cpu) and CUDA (csrc/cuda) kernels.
+// Index arithmetic shared by the CPU (csrc/ops/cpu) and CUDA (csrc/ops/cuda) kernels.
 //
 // Everything here is a header-only `inline` function marked DYNEXEC_HOST_DEVICE so
 // that the CPU kernels exercise exactly the arithmetic the GPU kernels run: the CPU

@@ -224,14 +224,14 @@ def compile(model: torch.nn.Module, backend: str = "auto", fold_bn: bool = True,
 
     backend: 'auto' (native on CPU; triton -> native -> torch on CUDA), 'native',
     'triton', 'torch', or 'triton-graph' (CUDA: no host sync, whole forward in a CUDA
-    graph; see dynexec.graph_engine). fold_bn: fold eval-mode BatchNorm into the block convolutions
+    graph; see dynexec.runtime.graph_engine). fold_bn: fold eval-mode BatchNorm into the block convolutions
     (changes results only by float rounding). channels_last: run on NHWC activations
     (faster convolutions; changes results only by float rounding). convolutions: the
     implementation of the folded CPU float32 convolutions, 'auto' (best available),
     'winograd' ('onednn' with the 3x3 stride-1 convolutions on dynexec's Winograd
     F(2x2, 3x3) kernel; the default on CPUs with AVX2 and FMA; changes results only by
     float rounding), 'onednn' (dynexec's own oneDNN primitives), 'mkldnn' (torch's oneDNN op on pre-packed
-    weights) or 'aten' (F.conv2d); see dynexec.program.resolve_conv_impl. batch_shards: how the
+    weights) or 'aten' (F.conv2d); see dynexec.runtime.program.resolve_conv_impl. batch_shards: how the
     C++ block loop (native backend, 'winograd' or 'onednn' convolutions) splits a batch: 'auto' (one
     shard per intra-op thread, each running the whole network on its rows with
     single-threaded kernels: faster for routed sub-batches of a few samples, same results;

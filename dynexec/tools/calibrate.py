@@ -9,9 +9,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .models.blockdrop import BlockDrop
-from .models.common import RoutedModel
-from .models.skipnet import SkipNet
+from ..models.blockdrop import BlockDrop
+from ..models.common import RoutedModel
+from ..models.skipnet import SkipNet
 
 
 def _router_bias(model: RoutedModel) -> list[torch.Tensor]:

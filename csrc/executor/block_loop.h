@@ -40,11 +40,11 @@
 #include <utility>
 #include <vector>
 
-#include "../cpu/gate_cpu.h"
-#include "../cpu/head_cpu.h"
-#include "../cpu/regroup_cpu.h"
-#include "../cpu/work_sharing.h"
-#include "chain.h"
+#include "../ops/cpu/gate_cpu.h"
+#include "../ops/cpu/head_cpu.h"
+#include "../ops/cpu/regroup_cpu.h"
+#include "../ops/cpu/work_sharing.h"
+#include "../convolution/chain.h"
 #include "native_ops.h"
 #include "workspace.h"
 

@@ -1,7 +1,7 @@
 """The op layer: partition / gather_rows / scatter_residual_relu_ / downsample_b, and
 for SkipNet's recurrent gate scatter_residual_relu_pool_ / relu_pool_ / recurrent_gate_step.
 
-Three backends implement the same contract (see ``dynexec.ops.reference``):
+Three backends implement the same contract (see ``dynexec.runtime.ops.reference``):
 
 - ``native``: the C++/CUDA extension ``dynexec._C`` (ops ``torch.ops.dynexec.*``);
 - ``triton``: Triton kernels (``dynexec.kernels``); on CUDA, or on CPU tensors only under
@@ -49,9 +49,9 @@ def _torch_backend() -> Backend:
 
 def _native_status(device: torch.device) -> tuple[bool, str]:
     try:
-        from .. import _native
+        from .. import extension as _native
     except ImportError as exc:  # the loader module itself is missing
-        return False, f"dynexec._native is unavailable: {exc}"
+        return False, f"dynexec.runtime.extension is unavailable: {exc}"
     module, reason = _native.load()
     if module is None:
         return False, reason or "the extension dynexec._C is not built"
@@ -70,7 +70,7 @@ def _native_backend() -> Backend:
 
 def _triton_status(device: torch.device) -> tuple[bool, str]:
     try:
-        from ..kernels import ops as triton_ops
+        from ...kernels import ops as triton_ops
     except Exception as exc:  # triton missing or broken: report, never crash
         return False, f"Triton kernels cannot be imported: {type(exc).__name__}: {exc}"
     ok, reason = triton_ops.is_available()
@@ -82,7 +82,7 @@ def _triton_status(device: torch.device) -> tuple[bool, str]:
 
 
 def _triton_backend() -> Backend:
-    from ..kernels import ops as t
+    from ...kernels import ops as t
     return Backend("triton", t.partition, t.gather_rows, t.scatter_residual_relu_, t.downsample_b,
                    t.scatter_residual_relu_pool_, reference.recurrent_gate_step, t.relu_pool_)
 

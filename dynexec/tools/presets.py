@@ -21,10 +21,10 @@ from typing import Optional
 
 import torch
 
-from . import models
+from .. import models
 from .calibrate import calibrate, randomize_batchnorm
-from .checkpoints import load_checkpoint
-from .models.common import RoutedModel
+from ..models.checkpoints import load_checkpoint
+from ..models.common import RoutedModel
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CHECKPOINT_DIR = os.environ.get("DYNEXEC_CHECKPOINTS", os.path.join(REPO_ROOT, "checkpoints"))

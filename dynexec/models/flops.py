@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from .models.common import RoutedModel, run_block_dense
+from .common import RoutedModel, run_block_dense
 
 
 def _lstm_flops(input_shape, hx_shapes, param_shapes, has_biases, num_layers, dropout, train,

@@ -1,7 +1,7 @@
 #include "packed_conv.h"
 
-#include "../cpu/regroup_cpu.h"
-#include "../cpu/winograd_cpu.h"
+#include "../ops/cpu/regroup_cpu.h"
+#include "../ops/cpu/winograd_cpu.h"
 
 #include <ATen/MemoryOverlap.h>
 #include <ATen/Parallel.h>
