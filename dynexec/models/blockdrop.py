@@ -3,7 +3,7 @@
 Backbones keep the flat key layout ``blocks.<stage>.<idx>.*`` / ``ds.<stage>.*`` of
 ``FlatResNet32`` and ``FlatResNet224``; agents are ``Policy32`` / ``Policy224`` with the
 unused value head ``vnet`` so official agent state_dicts load strictly
-(shared/specs/blockdrop.md §1-§3).
+(official ``models/base.py`` and ``models/resnet.py``; see docs/official-models.md).
 
 Inference semantics: the agent sees the preprocessed image once, block t is kept iff
 sigmoid(logit_t) >= 0.5 (0.5 counts as keep); a kept block gives relu(ds(x) + F(x)), a

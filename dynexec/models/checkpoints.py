@@ -1,6 +1,6 @@
 """Reading (and writing) the checkpoint files of the official SkipNet and BlockDrop code.
 
-Recognised (shared/specs/skipnet.md §6, blockdrop.md §4):
+Recognised (the official training scripts' formats; see docs/official-models.md):
 - SkipNet training-script files ``{'iter'|'epoch', 'arch', 'state_dict', 'best_prec1'}``
   with ``module.``-prefixed keys, duplicated downsample keys, no ``num_batches_tracked``;
 - BlockDrop finetune files ``{'agent', 'resnet', 'epoch', 'reward', 'acc'}``;

@@ -122,8 +122,8 @@ def count_flops(model: RoutedModel) -> FlopTable:
 # Official metrics
 # --------------------------------------------------------------------------------------
 def skipnet_computation_percentage(routing: torch.Tensor) -> float:
-    """SkipNet's "computation percentage" (specs/skipnet.md §7.3): every block counts
-    equally and block 0 always runs: 100 * (1 + sum_k (1 - s_k)) / B."""
+    """SkipNet's "computation percentage" (``validate`` in the official ``train_rl.py``):
+    every block counts equally and block 0 always runs: 100 * (1 + sum_k (1 - s_k)) / B."""
     r = _as_numpy_routing(routing, routing.shape[1])
     if r.shape[0] == 0:
         return float("nan")
@@ -132,7 +132,7 @@ def skipnet_computation_percentage(routing: torch.Tensor) -> float:
 
 
 def blockdrop_stats(routing: torch.Tensor, table: FlopTable) -> dict[str, float]:
-    """BlockDrop test.py statistics (specs/blockdrop.md §5.2): block usage mean and
+    """BlockDrop test.py statistics (``utils.performance_stats``): block usage mean and
     unbiased std, FLOPs/img mean and population std, number of unique policies."""
     r = _as_numpy_routing(routing, table.num_blocks)
     usage = r.sum(axis=1).astype(np.float64)

@@ -1,12 +1,12 @@
 """SkipNet (Wang et al., ECCV 2018), state_dict-compatible with ucbdrive/skipnet.
 
 Attribute names, module nesting and registration follow the official ``cifar/models.py``
-and ``imagenet/models.py`` (see shared/specs/skipnet.md): flat ``group{g}_layer{i}``,
+and ``imagenet/models.py`` (see docs/official-models.md): flat ``group{g}_layer{i}``,
 ``group{g}_gate{i}`` and ``group{g}_ds{i}`` attributes, the downsample module registered
 twice (as ``group{g}_ds{i}`` and as the block's ``downsample``), a gate for every block
 including the last, and the shared recurrent controller ``control``.
 
-Inference semantics (specs/skipnet.md §3.3, §4.1): block 0 always runs; the gate of block
+Inference semantics (the official models' ``forward``): block 0 always runs; the gate of block
 k reads the mixed output of block k and block k+1 runs iff p > 0.5 (strict); a skipped
 block outputs its shortcut (the projection without ReLU, or the identity). The LSTM
 state lives inside ``forward`` (zeros at every call), never on the module.
@@ -228,7 +228,7 @@ class _ResNetTrunk(RoutedModel):
 class SkipNet(_ResNetTrunk):
     """A gated SkipNet. ``dataset`` is 'cifar' or 'imagenet'; ``gate_type`` is 'rnn',
     'ffgate1' or 'ffgate2'. SP and RL variants share parameters and inference semantics
-    (specs/skipnet.md §4.3); ``variant`` only records which name built the model."""
+    (docs/official-models.md); ``variant`` only records which name built the model."""
 
     router = "online"
 

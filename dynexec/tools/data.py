@@ -8,7 +8,7 @@
   computed from the data; ``fashion_mnist_stats`` recomputes them).
 - CIFAR-10/100 in the python-pickle layout (``data_batch_1..5``/``test_batch`` or
   ``train``/``test``), normalised as the official code does: SkipNet's CIFAR constants
-  (specs/skipnet.md §4.5) by default, BlockDrop's R32_C10 constants or none (ToTensor
+  (ucbdrive/skipnet ``cifar/data.py``) by default, BlockDrop's R32_C10 constants or none (ToTensor
   only, BlockDrop R110/C100) on request.
 
 Training augmentation (random crop 32 with 4 px zero padding + horizontal flip, as the

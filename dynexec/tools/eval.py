@@ -7,10 +7,10 @@ Reports the accuracy of the eager model (the official inference semantics) and o
 compiled regrouping engine (``dynexec.compile``), checks that both take identical
 routing decisions (mismatching samples are reported and make the exit status 1),
 and prints the official cost metrics: SkipNet computation percentage
-(specs/skipnet.md §7.3), BlockDrop block usage mean ± std, FLOPs/img mean ± std and unique
-policies (specs/blockdrop.md §5.2), the theoretical speedup (dense FLOPs / mean executed
-FLOPs, ``dynexec.models.flops``) and the per-block execution rates (table; bar chart with
-``--plot``).
+(ucbdrive/skipnet ``train_rl.py``), BlockDrop block usage mean ± std, FLOPs/img mean ± std
+and unique policies (Tushar-N/blockdrop ``test.py``), the theoretical speedup (dense
+FLOPs / mean executed FLOPs, ``dynexec.models.flops``) and the per-block execution rates
+(table; bar chart with ``--plot``).
 
 A file holding only a BlockDrop backbone (the base model) is evaluated as test.py does
 without an agent checkpoint: an agent with logit weights 0 and bias 10 keeps every block.

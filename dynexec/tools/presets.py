@@ -4,8 +4,8 @@ Until trained checkpoints exist for a model, it is built with random weights who
 bias is calibrated to the published routing, and labelled ``calibrated`` everywhere:
 
 - ``skipnet110``: CIFAR SkipNet-110, recurrent gate; HRL executes 49.526 % of the blocks
-  (specs/skipnet.md §7.1, computation percentage);
-- ``blockdrop110``: BlockDrop R110_C10; 16.933 of 54 blocks (specs/blockdrop.md §5.1);
+  (the ucbdrive/skipnet README's CIFAR-10 table, computation percentage);
+- ``blockdrop110``: BlockDrop R110_C10; 16.933 of 54 blocks (the Tushar-N/blockdrop Readme);
 - ``skipnet101``: ImageNet SkipNet-101 HRL; 70.058 % of the blocks;
 - ``blockdrop101``: BlockDrop R101_ImgNet; 24.770 of 33 blocks;
 - ``skipnet110-allon``, ``blockdrop110-allon``: every block routed (the engine's overhead).

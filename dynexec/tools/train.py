@@ -7,7 +7,8 @@
     python -m dynexec.train --stage curriculum --arch R32_C10 --backbone BASE.t7 ...
     python -m dynexec.train --stage finetune --arch R32_C10 --init CL.t7 --backbone BASE.t7 ...
 
-Stages (specs/skipnet.md §5, specs/blockdrop.md §4.4):
+Stages (ucbdrive/skipnet ``train_sp.py`` / ``train_rl.py``; Tushar-N/blockdrop
+``cl_training.py`` / ``finetune.py``):
 - ``base``: a plain ResNet (SkipNet ``cifar*_resnet_*`` or a BlockDrop backbone run with
   every block), cross-entropy, SGD + one-cycle LR.
 - ``sp``: SkipNet supervised pre-training: hard gates (p > 0.5) with a straight-through

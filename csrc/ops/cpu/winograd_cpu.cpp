@@ -363,7 +363,8 @@ void winograd_conv3x3_nhwc_f32(const float* x, int64_t n, int64_t H, int64_t W, 
     run_units(n * groups, chunk, units);
   } else {
     // Inside another parallel region this runs inline on the calling thread. (A fixed
-    // grain of 16 units ran a 64-channel 8x8 convolution on up to 4 images on one thread.)
+    // grain of 16 units would run a 64-channel 8x8 convolution on up to 4 images on one
+    // thread.)
     at::parallel_for(0, n * groups, chunk, units);
   }
 }

@@ -5,8 +5,8 @@
 // pixel; F(2x2, 3x3) computes a 2x2 output tile from a 4x4 input tile with 16 * C * K
 // multiply-adds in the transformed domain (2.25x fewer) plus the tile transforms, whose
 // cost grows with C + K rather than C * K, so it pays most at 32 and 64 channels (at 16 a
-// SkipNet-110 stage took 1.2x the time of a 32-channel stage with the same FLOPs, session
-// 16; `python benchmarks/kernels.py --device cpu --sections winograd` times it against
+// SkipNet-110 stage takes about 1.2x the time of a 32-channel stage with the same FLOPs;
+// `python benchmarks/kernels.py --device cpu --sections winograd` times it against
 // oneDNN's brgconv per geometry). Against a float64
 // convolution it stays within 1e-5 (tests/test_winograd.py); measured, its error was no
 // larger than F.conv2d's in float32 on the same data.
@@ -18,7 +18,7 @@
 // network's transformed weights do not fit L2), and with [16][C][K] (two blocks of 16
 // output channels interleaved per input channel) a 64-channel convolution on 4-16 images
 // took 30-34 us longer per call with cold weights than with warm ones, 12-17 us with this
-// layout (single thread, session 17).
+// layout (single thread).
 #pragma once
 
 #include <ATen/core/Tensor.h>
