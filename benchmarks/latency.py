@@ -34,7 +34,7 @@ import torch
 
 import dynexec
 from dynexec.models.flops import count_flops
-from dynexec.runtime.graph_engine import graph_backend_status
+from dynexec.runtime.executors.gpu_graph import graph_backend_status
 from dynexec.runtime.ops import backend_status
 from dynexec.runtime.program import CONV_IMPLS, resolve_conv_impl, winograd_available
 from dynexec.tools.presets import PRESETS, build_preset, default_presets
@@ -52,7 +52,7 @@ def load_images(kind: str, size: int, count: int, seed: int = 0) -> tuple[torch.
     """(images [count, 3, size, size], label of where they come from)."""
     if kind in ("auto", "fashion-mnist") and size == 32:
         try:
-            from dynexec import data
+            from dynexec.tools import data
             if data.fashion_mnist_available():
                 images, _ = data.fashion_mnist_test(limit=count)
                 return images.float().contiguous(), "fashion-mnist test images"

@@ -8,7 +8,7 @@ import platform
 import torch
 
 from . import __version__
-from .runtime.graph_engine import graph_backend_status
+from .runtime.executors.gpu_graph import graph_backend_status
 from .runtime.ops import BACKENDS, backend_status, get_backend
 
 OPS = ("partition", "gather_rows", "scatter_residual_relu_", "downsample_b",

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from dynexec import data
+from dynexec.tools import data
 
 HAVE_FMNIST = data.fashion_mnist_available()
 needs_fmnist = pytest.mark.skipif(not HAVE_FMNIST, reason="Fashion-MNIST not installed "

@@ -192,7 +192,7 @@ def test_pooled_block_matches_block_then_mean(backend, rows):
     rows an identity block skips, fused pooling for the rows it runs) equals running the
     block and then taking the spatial mean, for every kind of mask."""
     model = make_model("skipnet-cifar-rnn")
-    engine = dynexec.compile(model, backend=backend)
+    engine = dynexec.compile(model, backend=backend, executor="python")
     n = 7
     gen = torch.Generator().manual_seed(3)
     mask = {"none": torch.zeros(n, dtype=torch.bool),
@@ -206,9 +206,9 @@ def test_pooled_block_matches_block_then_mean(backend, rows):
         size = {16: 32, 32: 16, 64: 8}[c]
         h = torch.randn(n, c, size, size, generator=gen).contiguous(memory_format=torch.channels_last)
         with torch.inference_mode():
-            expected = engine._run_block(block, h.clone(), mask, int(mask.sum()))
+            expected = engine.executor.run_block(block, h.clone(), mask, int(mask.sum()))
             cache = h.mean(dim=(2, 3)).contiguous()
-            out, pooled = engine._run_block_pooled(block, h.clone(), mask, int(mask.sum()), cache)
+            out, pooled = engine.executor.run_block_pooled(block, h.clone(), mask, int(mask.sum()), cache)
         assert torch.allclose(out, expected, rtol=1e-5, atol=1e-5)
         assert torch.allclose(pooled, expected.mean(dim=(2, 3)), rtol=1e-5, atol=1e-5)
 
@@ -219,19 +219,20 @@ def test_pooled_block_matches_block_then_mean(backend, rows):
 @pytest.mark.parametrize("convolutions", [c for c in ("onednn", "winograd") if c in CONV_IMPLS])
 def test_native_recurrent_loop_equals_the_python_loop(family, convolutions):
     """Recurrent-gate programs on OneDnnChains run their block loop, gates included, in C++
-    (BlockLoop.run_recurrent) with the native backend; it gives exactly the Python loop's
+    (BlockLoop.forward) with the native backend; it gives exactly the Python loop's
     logits and routing for every batch size, routing mix and NaN input (with the Winograd
     kernel, both pool a routed block's output in its output pass, in the same order).
     Feed-forward gates keep the Python loop."""
-    import dataclasses
     model = make_model(family)
     engine = dynexec.compile(model, backend="native", convolutions=convolutions)
     if "ffgate" in family:
-        assert not engine.program.native_loop.recurrent
+        assert engine.program.executor == "python"
         return
-    assert engine.program.native_loop.recurrent
-    assert engine.program.native_loop.loop.num_blocks() == engine.num_blocks
-    python_loop = dynexec.runtime.engine.Engine(dataclasses.replace(engine.program, native_loop=None), engine.backend)
+    loop = engine.program.cpu_loop.loop
+    assert engine.program.executor == "cpu-loop" and loop.has_recurrent_gate()
+    assert loop.num_blocks() == engine.num_blocks
+    python_loop = dynexec.compile(model, backend="native", convolutions=convolutions, executor="python")
+    assert python_loop.program.executor == "python"
     for n in (1, 2, 7, 16):
         x = _x(family, n, seed=40 + n)
         (a, ra), (b, rb) = engine(x, return_routing=True), python_loop(x, return_routing=True)
@@ -246,20 +247,19 @@ def test_native_recurrent_loop_equals_the_python_loop(family, convolutions):
 
 @pytest.mark.skipif(not dynexec.runtime.program.onednn_direct_available(), reason="dynexec._C built without oneDNN")
 @pytest.mark.parametrize("family", ["blockdrop-cifar", "blockdrop-imagenet", "resnet-imagenet",
-                                    "skipnet-cifar-ffgate2", "skipnet-cifar-rnn"])
+                                    "resnet-cifar", "skipnet-cifar-rnn"])
 def test_native_planned_loop_equals_the_python_loop(family):
     """Routings known up front (BlockDrop's policy, a forced routing: all, none, random,
-    alternating) run in C++ (BlockLoop.run_planned, identity / projection / DownsampleB shortcuts) with
+    alternating) run in C++ (BlockLoop.forward, identity / projection / DownsampleB shortcuts) with
     the native backend, giving exactly the Python loop's logits."""
-    import dataclasses
     model = make_model(family)
     engine = dynexec.compile(model, backend="native", convolutions="onednn")
-    assert engine.program.native_loop is not None
-    program = dataclasses.replace(engine.program, native_loop=None)
-    if program.policy is not None:  # the policy network also runs in a BlockLoop
-        assert program.policy.native_loop is not None
-        program = dataclasses.replace(program, policy=dataclasses.replace(program.policy, native_loop=None))
-    python_loop = dynexec.runtime.engine.Engine(program, engine.backend)
+    assert engine.program.executor == "cpu-loop"
+    if engine.program.policy is not None:  # the policy network also runs in a BlockLoop
+        assert engine.program.policy.executor == "cpu-loop"
+    python_loop = dynexec.compile(model, backend="native", convolutions="onednn", executor="python")
+    assert python_loop.program.executor == "python" and (
+        python_loop.program.policy is None or python_loop.program.policy.executor == "python")
     gen = torch.Generator().manual_seed(5)
     for n in (1, 3, 8):
         x = _x(family, n, seed=60 + n)
@@ -274,7 +274,7 @@ def test_native_planned_loop_equals_the_python_loop(family):
             (a, ra), (b, rb) = (e(x, return_routing=True, routing=routing) for e in (engine, python_loop))
             assert torch.equal(ra, rb) and torch.equal(a, b)
     with pytest.raises(RuntimeError, match="bool routing"):
-        engine.program.native_loop.loop.run_planned(torch.zeros(2, 3, 8, 8), torch.ones(2, 1))
+        engine.program.cpu_loop.loop.forward(torch.zeros(2, 3, 8, 8), torch.ones(2, 1))
 
 
 @pytest.mark.skipif(not dynexec.runtime.program.onednn_direct_available(), reason="dynexec._C built without oneDNN")
@@ -287,9 +287,9 @@ def test_batch_shards_give_the_same_results(family):
     model = make_model(family)
     engines = {s: dynexec.compile(model, backend="native", convolutions="onednn", batch_shards=s)
                for s in (1, 2, 3, 5, "auto")}
-    assert [e.program.native_loop.loop.shards() for e in engines.values()] == [1, 2, 3, 5, 0]
+    assert [e.program.cpu_loop.loop.shards() for e in engines.values()] == [1, 2, 3, 5, 0]
     assert "batch_shards=3" in repr(engines[3])
-    auto = engines["auto"].program.native_loop.loop
+    auto = engines["auto"].program.cpu_loop.loop
     gen = torch.Generator().manual_seed(11)
     threads = torch.get_num_threads()
     try:
@@ -326,7 +326,7 @@ def test_work_sharing_between_shards_gives_the_same_results(family):
     ref = dynexec.compile(model, backend="native", convolutions="winograd", batch_shards=1)
     engines = {s: dynexec.compile(model, backend="native", convolutions="winograd", batch_shards=s)
                for s in (2, 3, 5)}
-    loops = lambda e: [p.native_loop.loop for p in (e.program, e.program.policy) if p is not None]
+    loops = lambda e: [p.cpu_loop.loop for p in (e.program, e.program.policy) if p is not None]
     assert all(loop.work_sharing() for e in engines.values() for loop in loops(e))
     threads = torch.get_num_threads()
     try:

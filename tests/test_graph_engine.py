@@ -1,10 +1,10 @@
-"""Tests for the triton-graph backend (dynexec.runtime.graph_engine) on CPU.
+"""Tests for the gpu-graph executor (backend triton-graph, dynexec.runtime.executors.gpu_graph) on CPU.
 
 Without a GPU the Triton kernels run on CPU tensors under the Triton interpreter, so
 TRITON_INTERPRET=1 is set before the kernel modules are imported (and they are reloaded
-if another test module of this process imported them in compiled mode). The engine runs
-with capture=False: the same sync-free launch sequence, without the CUDA graph (which
-cannot be exercised here).
+if another test module of this process imported them in compiled mode). On CPU the
+executor never captures: the same sync-free launch sequence runs without the CUDA graph
+(which needs a CUDA device).
 
 Checked: routing identical to and logits within 1e-4 (relative, fp32) of the eager
 official model for SkipNet (recurrent and feed-forward gates, basic and bottleneck
@@ -38,7 +38,7 @@ from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 pytest.importorskip("triton")
 
 import dynexec  # noqa: E402
-from dynexec import graph_engine as ge  # noqa: E402
+from dynexec.runtime.executors import gpu_graph as ge  # noqa: E402
 from dynexec.tools.calibrate import calibrate, randomize_batchnorm  # noqa: E402
 from dynexec.kernels import indexed_conv as ic  # noqa: E402
 from dynexec.kernels import regroup as rg  # noqa: E402
@@ -140,8 +140,14 @@ def _rel_err(a, b):
     return ((a - b).abs().max() / b.abs().max().clamp_min(1e-12)).item()
 
 
+def _graph_engine(model):
+    engine = dynexec.compile(model, backend="triton-graph")
+    assert engine.program.executor == "gpu-graph" and not engine.executor.capture  # CPU: eager
+    return engine
+
+
 def _check_against_reference(model, x, engine=None):
-    engine = engine or ge.make_graph_engine(model, capture=False)
+    engine = engine or _graph_engine(model)
     ref_logits, ref_routing = model.forward_routing(x)
     logits, routing = engine(x, return_routing=True)
     assert routing.dtype == torch.bool and routing.shape == ref_routing.shape
@@ -184,7 +190,7 @@ def test_forced_routing_and_layouts():
     """routing= overrides the router (BlockDrop: vs forward_masked); NCHW and
     channels_last inputs give the same result; the caller's input is not modified."""
     model = _model("blockdrop", "mixed")
-    engine = ge.make_graph_engine(model, capture=False)
+    engine = _graph_engine(model)
     x = _input(5, seed=7)
     forced = torch.rand(5, model.num_blocks, generator=torch.Generator().manual_seed(3)) > 0.5
     forced[:, 1] = True
@@ -202,7 +208,7 @@ def test_forced_routing_and_layouts():
 
 def test_errors_and_empty_batch():
     model = _model("skipnet-rnn", "mixed")
-    engine = ge.make_graph_engine(model, capture=False)
+    engine = _graph_engine(model)
     assert "triton-graph" in repr(engine)
     with pytest.raises(TypeError):
         engine(torch.randn(2, 3, 32, 32, dtype=torch.float64))
@@ -215,9 +221,9 @@ def test_errors_and_empty_batch():
     logits, routing = engine(torch.randn(0, 3, 32, 32), return_routing=True)
     assert logits.shape == (0, 10) and routing.shape == (0, 4) and routing.dtype == torch.bool
     with pytest.raises(ValueError, match="fold_bn"):
-        ge.make_graph_engine(model, fold_bn=False)
+        dynexec.compile(model, backend="triton-graph", fold_bn=False)
     with pytest.raises(ValueError, match="eval-mode"):
-        ge.make_graph_engine(copy.deepcopy(model).train())
+        dynexec.compile(copy.deepcopy(model).train(), backend="triton-graph")
 
 
 def test_needs_cuda_or_interpreter():
@@ -226,10 +232,9 @@ def test_needs_cuda_or_interpreter():
         import os
         os.environ.pop("TRITON_INTERPRET", None)
         import torch, dynexec
-        from dynexec.runtime.graph_engine import make_graph_engine
         model = dynexec.build("cifar10_rnn_gate_38", layers=[1, 1, 1]).eval()
         try:
-            make_graph_engine(model)
+            dynexec.compile(model, backend="triton-graph")
         except RuntimeError as e:
             assert "triton-graph needs a CUDA device (or TRITON_INTERPRET=1 for tests)" in str(e), e
             print("OK")
@@ -266,7 +271,7 @@ def test_no_host_sync(monkeypatch):
     reads CPU tensors (it *is* the device here), so the patch is lifted inside its
     launches; the launchers' argument handling stays guarded."""
     model = _model("skipnet-rnn", "mixed")
-    engine = ge.make_graph_engine(model, capture=False)
+    engine = _graph_engine(model)
     x = _input()
     ref_logits, ref_routing = model.forward_routing(x)
     originals = {name: getattr(torch.Tensor, name) for name in _SYNC_METHODS}
@@ -313,7 +318,7 @@ class _AtenLog(TorchDispatchMode):
 
 
 def _launches(engine, x, routing=None):
-    with engine.record_launches() as log, _AtenLog() as aten:
+    with engine.executor.record_launches() as log, _AtenLog() as aten:
         _, used = engine(x, routing=routing, return_routing=True)
     return log, aten.ops, used
 
@@ -322,7 +327,7 @@ def test_same_launch_sequence_for_every_routing():
     """Different routings on one engine (router-made, and forced all-on / all-off /
     mixed) enqueue exactly the same kernel launches and aten ops."""
     model = _model("blockdrop", "mixed")
-    engine = ge.make_graph_engine(model, capture=False)
+    engine = _graph_engine(model)
     x = _input(4, seed=11)
     engine(x)  # the first call per batch size builds the workspaces (extra allocations)
     log_a, aten_a, used_a = _launches(engine, x)
@@ -343,7 +348,7 @@ def test_skipnet_launch_sequence_and_workspace_reuse():
     """Online router: block 0 runs on the whole batch without a partition, every later
     block is partitioned after its gate; the workspaces are built once per batch size."""
     model = _model("skipnet-ffgate1", "mixed")
-    engine = ge.make_graph_engine(model, capture=False)
+    engine = _graph_engine(model)
     x = _input(3, seed=13)
     engine(x)  # builds the workspaces
     log_a, aten_a, used_a = _launches(engine, x)
@@ -352,7 +357,7 @@ def test_skipnet_launch_sequence_and_workspace_reuse():
     kinds = [e[0] for e in log_a]
     assert kinds.count("full") == 1 and kinds.count("partition") == model.num_blocks - 1
     assert kinds.count("gate") == model.num_blocks - 1
-    assert len(engine._workspaces) == 1
+    assert len(engine.executor._workspaces) == 1
 
 
 # --------------------------------------------------------------------------------------
@@ -365,8 +370,9 @@ def test_graph_runner_plumbing_with_fake_cuda_graph(monkeypatch):
     capture per (batch size, dtype, forced or not), warm-up before capture, the input
     and forced routing copied into the static buffers, fresh clones returned."""
     model = _model("blockdrop", "mixed")
-    engine = ge.make_graph_engine(model, capture=False)
-    engine.capture = True
+    engine = _graph_engine(model)
+    executor = engine.executor
+    executor.capture = True
     events = []
 
     class FakeStream:
@@ -380,7 +386,7 @@ def test_graph_runner_plumbing_with_fake_cuda_graph(monkeypatch):
         def replay(self):
             events.append("replay")
             runner = self.runner
-            logits, routing = engine._forward(runner.static_x, runner.static_forced)
+            logits, routing = executor._forward(runner.static_x, runner.static_forced)
             runner.static_logits.copy_(logits)
             runner.static_routing.copy_(routing)
 
@@ -404,22 +410,22 @@ def test_graph_runner_plumbing_with_fake_cuda_graph(monkeypatch):
         self.graph.runner = self
 
     monkeypatch.setattr(ge._GraphRunner, "__init__", init)
-    engine.warmup = 1
+    executor.warmup = 1
 
     x1, x2 = _input(4, seed=21), _input(4, seed=22)
     out1 = engine(x1, return_routing=True)
     out2 = engine(x2, return_routing=True)
     assert events == ["wait", "wait", "capture", "replay", "replay"]
-    assert len(engine._graphs) == 1
+    assert len(executor._graphs) == 1
     for x, (logits, routing) in ((x1, out1), (x2, out2)):
         ref_logits, ref_routing = model.forward_routing(x)
         assert torch.equal(routing, ref_routing)
         assert _rel_err(logits, ref_logits) < TOL
-    runner = next(iter(engine._graphs.values()))
+    runner = next(iter(executor._graphs.values()))
     assert out2[0].data_ptr() != runner.static_logits.data_ptr()  # a clone, not the buffer
     forced = ~out1[1]
     logits_f, used_f = engine(x1, routing=forced, return_routing=True)
-    assert len(engine._graphs) == 2 and torch.equal(used_f, forced)
+    assert len(executor._graphs) == 2 and torch.equal(used_f, forced)
     with torch.no_grad():
         assert _rel_err(logits_f, model.resnet.forward_masked(x1, forced)) < TOL
 
@@ -429,7 +435,7 @@ def test_calls_from_two_threads():
     import threading
 
     model = _model("blockdrop", "mixed")
-    engine = ge.make_graph_engine(model, capture=False)
+    engine = _graph_engine(model)
     xs = [_input(3, seed=31), _input(3, seed=32)]
     results = [None, None]
 

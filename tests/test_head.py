@@ -1,5 +1,5 @@
 """The classifier head as one kernel (dynexec::pooled_linear, FoldedHead) and the whole
-forward in C++ (BlockLoop.forward_*: stem, router, blocks and head shard by shard)."""
+forward in C++ (BlockLoop.forward: stem, router, blocks and head shard by shard)."""
 from __future__ import annotations
 
 import dataclasses
@@ -12,7 +12,8 @@ import dynexec
 from dynexec.runtime import extension as _native
 from dynexec.models.common import HeadView
 from dynexec.runtime.ops import reference as ref
-from dynexec.runtime.program import FoldedHead, threshold_rule
+from dynexec.runtime.folding import FoldedHead
+from dynexec.runtime.program import build_cpu_loop
 from conftest import make_model
 
 _C, _REASON = _native.load()
@@ -127,31 +128,48 @@ def test_folded_head_refuses_windows_that_are_not_the_whole_map(pool):
     assert not FoldedHead.foldable(None)
 
 
-def test_threshold_rule_reads_the_models_decision():
-    from dynexec.models.blockdrop import BlockDrop
-    from dynexec.models.skipnet import SkipNet
-    assert threshold_rule(BlockDrop.decide) is True     # p >= 0.5
-    assert threshold_rule(SkipNet.decide) is False      # p > 0.5
-    assert threshold_rule(lambda p: p >= 0.3) is None
-    assert threshold_rule(lambda p: (p >= 0.5) | p.isnan()) is None
+@pytest.mark.parametrize("family,runs_at_half", [("skipnet-cifar-rnn", False), ("blockdrop-cifar", True)])
+def test_decision_rule_is_the_official_one(family, runs_at_half):
+    """SkipNet runs a block iff p > 0.5, BlockDrop keeps it iff p >= 0.5; NaN never runs."""
+    model = make_model(family)
+    p = torch.tensor([0.5, float("nan"), 0.49999997, 0.50000006, 0.0, 1.0])
+    assert model.decide(p).tolist() == [runs_at_half, False, False, True, False, True]
+
+
+@needs_onednn
+@pytest.mark.parametrize("threshold,at_threshold", [(0.5, True), (0.5, False), (0.3, True), (0.7, False)])
+def test_cpp_loop_applies_the_models_declared_rule(threshold, at_threshold):
+    """The C++ loop decides with the rule the model declares (no rule of its own): with a
+    changed threshold it gives the same routing as the model's decide."""
+    model = make_model("blockdrop-cifar")
+    model.threshold, model.runs_at_threshold = threshold, at_threshold
+    engine = dynexec.compile(model, backend="native", convolutions="onednn")
+    assert engine.program.cpu_loop.runs_policy
+    x = torch.randn(6, 3, 32, 32, generator=torch.Generator().manual_seed(4))
+    _, routing = engine(x, return_routing=True)
+    assert torch.equal(routing, model.decide(model.policy_probs(x)))
+    skipnet = make_model("skipnet-cifar-rnn")
+    skipnet.threshold, skipnet.runs_at_threshold = threshold, at_threshold
+    got = dynexec.compile(skipnet, backend="native", convolutions="onednn")(x, return_routing=True)[1]
+    assert torch.equal(got, skipnet.forward_routing(x)[1])
 
 
 # ---------------------------------------------------------------------- whole forward
 @needs_onednn
-@pytest.mark.parametrize("family,whole,policy_whole", [
+@pytest.mark.parametrize("family,whole,policy_in_loop", [
     ("skipnet-cifar-rnn", True, None), ("blockdrop-cifar", True, True), ("resnet-cifar", True, None),
     ("blockdrop-imagenet", False, False), ("skipnet-imagenet-basic", False, None)])
-def test_whole_forward_in_cpp_where_the_program_allows(family, whole, policy_whole):
+def test_whole_forward_in_cpp_where_the_program_allows(family, whole, policy_in_loop):
     """CIFAR programs run input -> logits in one C++ call. ImageNet stems end in a max-pool
     and the ImageNet BlockDrop policy pools its input first: those keep their Python stem
-    and head around the C++ block loop. Results equal the reference model either way."""
+    around the C++ loop, which runs the head. Results equal the reference model either way."""
     model = make_model(family)
     engine = dynexec.compile(model, backend="native", convolutions="onednn")
-    native = engine.program.native_loop
-    assert native.whole is whole and native.loop.has_stem_and_head() is whole
-    if policy_whole is not None:
-        assert engine.program.policy.native_loop.whole is policy_whole
-        assert native.keep_at_half is True
+    cpu = engine.program.cpu_loop
+    assert cpu.runs_stem is whole and cpu.loop.has_stem() is whole
+    assert cpu.runs_head and cpu.loop.has_head()
+    if policy_in_loop is not None:
+        assert cpu.runs_policy is policy_in_loop and cpu.loop.has_policy() is policy_in_loop
     x = torch.randn(3, 3, model.input_size, model.input_size, generator=torch.Generator().manual_seed(2))
     logits, routing = engine(x, return_routing=True)
     ref_logits, ref_routing = model.forward_routing(x)
@@ -162,26 +180,31 @@ def test_whole_forward_in_cpp_where_the_program_allows(family, whole, policy_who
 @needs_onednn
 def test_block_loop_forward_errors():
     engine = dynexec.compile(make_model("blockdrop-cifar"), backend="native", convolutions="onednn")
-    loop, policy = engine.program.native_loop.loop, engine.program.policy.native_loop.loop
+    loop, policy = engine.program.cpu_loop.loop, engine.program.policy.cpu_loop.loop
     bare = torch.classes.dynexec.BlockLoop()
     x = torch.randn(2, 3, 32, 32)
-    with pytest.raises(RuntimeError, match="forward_planned: set_stem and set_head first"):
-        bare.forward_planned(x, torch.ones(2, 0, dtype=torch.bool))
     with pytest.raises(RuntimeError, match=r"expected a float32 CPU input \[N, C, H, W\], got Double"):
-        loop.forward_planned(x.double(), torch.ones(2, engine.num_blocks, dtype=torch.bool))
-    with pytest.raises(RuntimeError, match=r"forward_planned: expected a bool routing \[2, \d+\]"):
-        loop.forward_planned(x, torch.ones(2, 1, dtype=torch.bool))
-    with pytest.raises(RuntimeError, match="expected a policy with a stem and a head giving"):
-        loop.forward_with_policy(loop, x, True)  # its own head gives classes, not blocks
-    with pytest.raises(RuntimeError, match="forward_recurrent: no recurrent gate"):
-        loop.forward_recurrent(x)
+        loop.forward(x.double(), torch.ones(2, engine.num_blocks, dtype=torch.bool))
+    with pytest.raises(RuntimeError, match=r"BlockLoop.forward: expected a bool routing \[2, \d+\]"):
+        loop.forward(x, torch.ones(2, 1, dtype=torch.bool))
+    with pytest.raises(RuntimeError, match="expected a loop without a router, with a stem and a head giving"):
+        loop.set_policy(loop)  # it has a router of its own, and its head gives classes, not blocks
+    with pytest.raises(RuntimeError, match="expected a loop without a router, .* got a loop without a stem or head"):
+        bare.set_policy(bare)
+    router_without_rule = torch.classes.dynexec.BlockLoop()
+    for b in engine.program.blocks:
+        router_without_rule.add_block(b.branch.fused, None, b.out_channels if b.shortcut_kind == "downsample_b" else 0)
+    router_without_rule.set_policy(policy)
+    with pytest.raises(RuntimeError, match="has a router but no decision rule"):
+        router_without_rule.forward(x, None)
     with pytest.raises(RuntimeError, match=r"BlockLoop.set_head: expected a float32 CPU weight \[K, C\]"):
         bare.set_head(torch.randn(3, 4), torch.randn(2), 8, False)
     # a head whose window is not the last map: a clear error, not a wrong mean
     head = engine.program.head
     loop.set_head(head.weight, head.bias, 4, False)
     with pytest.raises(RuntimeError, match=r"the head pools a 4x4 map of 64 channels, but the last block gives"):
-        loop.forward_with_policy(policy, x, True)
+        loop.forward(x, None)
+    assert policy.has_stem() and policy.has_head() and not policy.has_policy()
 
 
 @needs_onednn
@@ -191,10 +214,14 @@ def test_whole_forward_equals_the_split_forward():
     model = make_model("blockdrop-cifar")
     engine = dynexec.compile(model, backend="native", convolutions="onednn")
     p = engine.program
+    assert p.cpu_loop.runs_stem and p.cpu_loop.runs_head and p.cpu_loop.runs_policy
+    # the same blocks in loops without a stem, head or policy
     split = dynexec.runtime.engine.Engine(dataclasses.replace(
-        p, native_loop=dataclasses.replace(p.native_loop, whole=False),
-        policy=dataclasses.replace(p.policy, native_loop=dataclasses.replace(p.policy.native_loop, whole=False))),
-        engine.backend)
+        p, cpu_loop=build_cpu_loop(p.blocks, None, None, p.router, p.gates, 0, model, None),
+        policy=dataclasses.replace(
+            p.policy, cpu_loop=build_cpu_loop(p.policy.blocks, None, None, "none", None, 0, model, None))))
+    assert not (split.program.cpu_loop.runs_stem or split.program.cpu_loop.runs_head
+                or split.program.cpu_loop.runs_policy)
     gen = torch.Generator().manual_seed(9)
     for n in (1, 2, 5, 8):
         x = torch.randn(n, 3, 32, 32, generator=gen)

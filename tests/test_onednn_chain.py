@@ -288,7 +288,7 @@ def test_block_loop_matches_reference_for_every_shortcut_and_routing(shards, lay
         x = _x(n, 16, 8, seed=30 + n, layout=layout)
         for routing in (torch.ones(n, 5, dtype=torch.bool), torch.zeros(n, 5, dtype=torch.bool),
                         torch.rand(n, 5, generator=gen) < 0.5):
-            y = loop.run_planned(x.clone(), routing)
+            y = loop.forward(x.clone(), routing)[0]
             assert y.shape == (n, 64, 2, 2) and y.is_contiguous(memory_format=CL)
             torch.testing.assert_close(y.double(), _loop_reference(specs, x, routing), **TOL)
 
@@ -297,19 +297,19 @@ def test_block_loop_rejects_inputs_its_blocks_cannot_take():
     loop, _ = _block_loop()
     every = torch.ones(2, 5, dtype=torch.bool)
     with pytest.raises(RuntimeError, match=r"expected an input \[N, 16, H, W\].*got \[2, 8, 8, 8\]"):
-        loop.run_planned(torch.randn(2, 8, 8, 8), every)
+        loop.forward(torch.randn(2, 8, 8, 8), every)
     with pytest.raises(RuntimeError, match="expected a float32 CPU input"):
-        loop.run_planned(torch.randn(2, 16, 8, 8, dtype=torch.float64), every)
+        loop.forward(torch.randn(2, 16, 8, 8, dtype=torch.float64), every)
     with pytest.raises(RuntimeError, match="expected a float32 CPU input"):
-        loop.run_planned(torch.randn(2, 16, 8), every)
+        loop.forward(torch.randn(2, 16, 8), every)
     # a block whose input channels do not follow from the previous block's output
     bad = torch.classes.dynexec.BlockLoop()
     bad.add_block(make_chain(**BASIC, seed=1)[0], None, 0)
     bad.add_block(make_chain((32, 32, 32), (1, 1), (1, 1), (3, 3), seed=2)[0], None, 0)
     with pytest.raises(RuntimeError, match=r"expected an input \[N, 32, H, W\].*got \[2, 16, 8, 8\]"):
-        bad.run_planned(_x(2, 16, 8), torch.ones(2, 2, dtype=torch.bool))
+        bad.forward(_x(2, 16, 8), torch.ones(2, 2, dtype=torch.bool))
     # a shortcut whose output does not match the branch's
     mismatched = torch.classes.dynexec.BlockLoop()
     mismatched.add_block(make_chain(**DOWN, seed=3)[0], None, 48)
     with pytest.raises(RuntimeError, match="shortcut gives"):
-        mismatched.run_planned(_x(2, 16, 8), torch.ones(2, 1, dtype=torch.bool))
+        mismatched.forward(_x(2, 16, 8), torch.ones(2, 1, dtype=torch.bool))

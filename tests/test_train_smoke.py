@@ -14,8 +14,8 @@ import pytest
 import torch
 
 import dynexec
-from dynexec import data as data_mod
-from dynexec import train as train_mod
+from dynexec.tools import data as data_mod
+from dynexec.tools import train as train_mod
 from dynexec.models.checkpoints import load_checkpoint
 from dynexec.tools.eval import load_model
 

@@ -1,15 +1,12 @@
-// torch.classes.dynexec.BlockLoop: the engine's block loop in C++, for programs whose
-// branches and projection shortcuts are OneDnnChains:
-//   run_planned(h, routing)  a routing known up front (BlockDrop's policy, a forced one)
-//   run_recurrent(h)         SkipNet's recurrent gate decides block k + 1 after block k
-// and, with the network's stem and head set (set_stem, set_head), the whole forward from
-// the input to the logits in one call (forward_planned, forward_recurrent,
-// forward_with_policy: BlockDrop's policy network, its decisions and the routed network,
-// shard by shard) — no Python and no thread fork/join between the parts.
+// torch.classes.dynexec.BlockLoop: the CPU executor, for programs whose branches and
+// projection shortcuts are OneDnnChains. One entry point, forward(input, routing?), runs
+// the optional stem, the blocks under a given routing or the loop's router (BlockDrop's
+// policy network, SkipNet's recurrent gate, or none), and the optional head, shard by
+// shard — no Python and no thread fork/join between the parts.
 //
-// It computes what the Python engine's loops (dynexec/engine.py) compute — per block:
-// the branch on the routed rows, residual add and ReLU (with the pooled means for the
-// gate), one step of the recurrent gate — but without the ~6 Python-level calls per
+// It computes what the portable Python loop (dynexec/runtime/executors/python_loop.py)
+// computes — per block: the branch on the routed rows, residual add and ReLU (with the
+// pooled means for the gate), one step of the recurrent gate — but without the ~6 Python-level calls per
 // block, which on 2 CPU cores cost as much as the arithmetic of a block on a small
 // sub-batch, and without their gather and scatter: the routed rows are kept in front of
 // the activations (RowOrder) and the branch's last convolution adds its output to them in
@@ -177,50 +174,65 @@ class BlockLoop : public torch::CustomClassHolder {
     head_ = Head{weight.contiguous(), bias.contiguous(), pool, sigmoid};
   }
 
-  // True once both the stem and the head are set (the forward_* methods need them).
-  bool has_stem_and_head() const { return stem_ && head_.has_value(); }
-
-  // Logits of the input x [N, C, H, W] (stem, blocks on routing [N, K], head).
-  at::Tensor forward_planned(const at::Tensor& x, const at::Tensor& routing_) {
-    check_stem_and_head("forward_planned");
-    check_input(x);
-    const at::Tensor routing = checked_routing(routing_, x.size(0), "forward_planned");
-    return sharded(x, [&](const at::Tensor& xs, int64_t lo) {
-      return std::make_tuple(head(planned_rows(stem(xs), routing.narrow(0, lo, xs.size(0)))), at::Tensor());
-    }).first;
-  }
-
-  // (logits, routing [N, K] bool) of x with SkipNet's recurrent gate (see run_recurrent).
-  std::tuple<at::Tensor, at::Tensor> forward_recurrent(const at::Tensor& x) {
-    check_stem_and_head("forward_recurrent");
-    TORCH_CHECK(gate_.has_value(), "BlockLoop.forward_recurrent: no recurrent gate was set");
-    auto [logits, routing] = sharded(x, [&](const at::Tensor& xs, int64_t) {
-      auto [h, r] = recurrent_rows(stem(xs));
-      return std::make_tuple(head(h), r);
-    });
-    return {logits, routing};
-  }
-
-  // (logits, routing [N, K] bool) of x with BlockDrop's policy: `policy` (a BlockLoop
-  // with stem, blocks and a sigmoid head giving K probabilities) runs on every block,
-  // block k runs on the rows whose probability p is >= 0.5 (keep_at_half) or > 0.5 (NaN:
-  // skipped), then this network runs on that routing — each shard does all three on its
-  // rows, so the policy's decisions never wait for the other shards.
-  std::tuple<at::Tensor, at::Tensor> forward_with_policy(const c10::intrusive_ptr<BlockLoop>& policy,
-                                                        const at::Tensor& x, bool keep_at_half) {
-    check_stem_and_head("forward_with_policy");
-    TORCH_CHECK(policy && policy->has_stem_and_head() && policy->head_->weight.size(0) == num_blocks(),
-                "BlockLoop.forward_with_policy: expected a policy with a stem and a head giving ", num_blocks(),
+  // The network's router when it is BlockDrop's policy: `policy`, a BlockLoop with a stem
+  // and a sigmoid head giving one probability per block of this loop, runs with every
+  // block on the input, and the decision rule turns its probabilities into the routing.
+  void set_policy(c10::intrusive_ptr<BlockLoop> policy) {
+    TORCH_CHECK(policy && policy->stem_ && policy->head_ && policy->head_->weight.size(0) == num_blocks() &&
+                    !policy->policy_ && !policy->gate_,
+                "BlockLoop.set_policy: expected a loop without a router, with a stem and a head giving ", num_blocks(),
                 " probabilities, got ",
-                policy && policy->head_ ? std::to_string(policy->head_->weight.size(0)) + " probabilities"
-                                        : std::string("a policy without a stem or head"));
-    auto [logits, routing] = sharded(x, [&](const at::Tensor& xs, int64_t) {
-      const at::Tensor every = at::ones({xs.size(0), policy->num_blocks()}, xs.options().dtype(at::kBool));
-      const at::Tensor probs = policy->head(policy->planned_rows(policy->stem(xs), every));
-      at::Tensor r = keep_at_half ? probs.ge(0.5) : probs.gt(0.5);
-      return std::make_tuple(head(planned_rows(stem(xs), r)), r);
+                !policy                            ? std::string("none")
+                : policy->policy_ || policy->gate_ ? std::string("a loop with a router of its own")
+                : policy->stem_ && policy->head_   ? std::to_string(policy->head_->weight.size(0)) + " probabilities"
+                                                   : std::string("a loop without a stem or head"));
+    policy_ = std::move(policy);
+  }
+
+  // The model's decision rule: a block runs for a sample iff its probability p >= threshold
+  // (at_threshold) or p > threshold; NaN never runs it.
+  void set_decision_rule(double threshold, bool at_threshold) {
+    rule_ = DecisionRule{static_cast<float>(threshold), at_threshold};
+  }
+
+  bool has_stem() const { return static_cast<bool>(stem_); }
+  bool has_head() const { return head_.has_value(); }
+  bool has_policy() const { return static_cast<bool>(policy_); }
+  bool has_recurrent_gate() const { return gate_.has_value(); }
+
+  // The whole forward, one call: input [N, C, H, W] -> (output, routing [N, K] bool).
+  // The input is the image when a stem is set (else the stem's output), the output the
+  // logits when a head is set (else the last block's output). The routing is `routing`
+  // when given, else the router's: the policy (set_policy), the recurrent gate
+  // (set_recurrent_gate: block 0 always runs, block k + 1 by the gate after block k), or
+  // none (every block runs). Each batch shard runs all of it on its rows, so no shard
+  // waits for another between the parts.
+  std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& input, const std::optional<at::Tensor>& routing_) {
+    check_input(input);
+    const int64_t n = input.size(0), num = num_blocks();
+    TORCH_CHECK(routing_ || !(policy_ || gate_) || rule_,
+                "BlockLoop.forward: the loop has a router but no decision rule (set_decision_rule)");
+    at::Tensor routing;
+    if (routing_) {
+      routing = checked_routing(*routing_, n, "forward");
+    } else if (!policy_ && !gate_) {
+      routing = at::ones({n, num}, input.options().dtype(at::kBool));
+    }
+    auto [out, decided] = sharded(input, [&](const at::Tensor& xs, int64_t lo) {
+      at::Tensor h = stem_ ? stem(xs) : xs;
+      at::Tensor r;
+      if (routing.defined()) {
+        h = planned_rows(h, routing.narrow(0, lo, xs.size(0)));
+      } else if (policy_) {
+        r = rule_->apply(policy_->dense_rows(xs));
+        h = planned_rows(h, r);
+      } else {
+        std::tie(h, r) = recurrent_rows(h);
+      }
+      return std::make_tuple(head_ ? head(h) : h, r);
     });
-    return {logits, routing};
+    // (a given routing is returned as a copy: the caller's tensor is never aliased)
+    return {out, !routing.defined() ? decided : routing_ ? routing.clone() : routing};
   }
 
   // The number of batch shards: 0 (the default) = one per intra-op thread (with ATen's
@@ -252,23 +264,6 @@ class BlockLoop : public torch::CustomClassHolder {
     return std::max<int64_t>(1, std::min<int64_t>(n, shards_ == 0 ? default_shards(n, threads) : shards_));
   }
 
-  // h: the stem output [N, C, H, W]; routing [N, K] bool, block k runs on routing[:, k].
-  at::Tensor run_planned(at::Tensor h, const at::Tensor& routing_) {
-    check_input(h);
-    const at::Tensor routing = checked_routing(routing_, h.size(0), "run_planned");
-    return sharded(h, [&](const at::Tensor& hs, int64_t lo) {
-      return std::make_tuple(planned_rows(hs, routing.narrow(0, lo, hs.size(0))), at::Tensor());
-    }).first;
-  }
-
-  // Returns (the last block's output, routing [N, K] bool): block 0 always runs, block
-  // k + 1 iff the gate after block k gives p > 0.5 (NaN: skip).
-  std::tuple<at::Tensor, at::Tensor> run_recurrent(at::Tensor h) {
-    TORCH_CHECK(gate_.has_value(), "BlockLoop.run_recurrent: no recurrent gate was set");
-    auto [out, routing] = sharded(h, [&](const at::Tensor& hs, int64_t) { return recurrent_rows(hs); });
-    return {out, routing};
-  }
-
  private:
   struct Head {
     at::Tensor weight, bias;  // [K, C], [K]
@@ -276,14 +271,24 @@ class BlockLoop : public torch::CustomClassHolder {
     bool sigmoid;
   };
 
+  struct DecisionRule {
+    float threshold;
+    bool at_threshold;
+    at::Tensor apply(const at::Tensor& p) const { return at_threshold ? p.ge(threshold) : p.gt(threshold); }
+    bool runs(float p) const { return at_threshold ? p >= threshold : p > threshold; }
+  };
+
+  // This loop (no router; stem and head set) on the rows xs with every block: the
+  // policy's probabilities.
+  at::Tensor dense_rows(const at::Tensor& xs) {
+    const at::Tensor every = at::ones({xs.size(0), num_blocks()}, xs.options().dtype(at::kBool));
+    return head(planned_rows(stem(xs), every));
+  }
+
   static void check_input(const at::Tensor& input) {
     TORCH_CHECK(input.scalar_type() == at::kFloat && input.device().is_cpu() && input.dim() == 4,
                 "BlockLoop: expected a float32 CPU input [N, C, H, W], got ", input.scalar_type(), " on ",
                 input.device(), " with shape ", input.sizes());
-  }
-
-  void check_stem_and_head(const char* method) const {
-    TORCH_CHECK(has_stem_and_head(), "BlockLoop.", method, ": set_stem and set_head first");
   }
 
   at::Tensor checked_routing(const at::Tensor& routing, int64_t n, const char* method) const {
@@ -404,9 +409,8 @@ class BlockLoop : public torch::CustomClassHolder {
       h = run_block(blocks_[k], h, active, pooled, /*pool=*/k + 1 < num, ws);
       if (k + 1 == num) break;
       g.lstm.step(pooled, g.embed_w[k], g.embed_b[k], hx, cx, p);
-      // SkipNet's rule: block k + 1 runs iff p > 0.5 (NaN: skip)
       const float* prob = p.const_data_ptr<float>();
-      for (int64_t j = 0; j < n; ++j) route[order.sample(j) * num + k + 1] = prob[j] > 0.5f;
+      for (int64_t j = 0; j < n; ++j) route[order.sample(j) * num + k + 1] = rule_->runs(prob[j]);
       active = order.routed_to_front(route + k + 1, num, {rows_of(h), rows_of(pooled), rows_of(hx), rows_of(cx)});
     }
     return {order.in_sample_order(h), routing};
@@ -472,6 +476,8 @@ class BlockLoop : public torch::CustomClassHolder {
   std::optional<RecurrentGate> gate_;
   c10::intrusive_ptr<OneDnnChain> stem_;
   std::optional<Head> head_;
+  c10::intrusive_ptr<BlockLoop> policy_;
+  std::optional<DecisionRule> rule_;
   int64_t shards_ = 0;
   bool work_sharing_ = true;
 };

@@ -37,12 +37,13 @@ TORCH_LIBRARY_FRAGMENT(dynexec, m) {
       .def("shards_for", &BlockLoop::shards_for)
       .def("set_work_sharing", &BlockLoop::set_work_sharing)
       .def("work_sharing", &BlockLoop::work_sharing)
-      .def("run_planned", &BlockLoop::run_planned)
-      .def("run_recurrent", &BlockLoop::run_recurrent)
       .def("set_stem", &BlockLoop::set_stem)
       .def("set_head", &BlockLoop::set_head)
-      .def("has_stem_and_head", &BlockLoop::has_stem_and_head)
-      .def("forward_planned", &BlockLoop::forward_planned)
-      .def("forward_recurrent", &BlockLoop::forward_recurrent)
-      .def("forward_with_policy", &BlockLoop::forward_with_policy);
+      .def("set_policy", &BlockLoop::set_policy)
+      .def("set_decision_rule", &BlockLoop::set_decision_rule)
+      .def("has_stem", &BlockLoop::has_stem)
+      .def("has_head", &BlockLoop::has_head)
+      .def("has_policy", &BlockLoop::has_policy)
+      .def("has_recurrent_gate", &BlockLoop::has_recurrent_gate)
+      .def("forward", &BlockLoop::forward);
 }

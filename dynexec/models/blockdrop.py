@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .common import BlockView, HeadView, RoutedModel, StemView, conv3x3, official_init_
+from .common import BlockView, ConvBN, HeadView, RoutedModel, StemView, conv3x3, official_init_
 
 
 class BasicBlock(nn.Module):
@@ -35,6 +35,9 @@ class BasicBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x)))))
+
+    def layers(self) -> tuple[ConvBN, ...]:
+        return (self.conv1, self.bn1), (self.conv2, self.bn2)
 
 
 class Bottleneck(nn.Module):
@@ -54,6 +57,9 @@ class Bottleneck(nn.Module):
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.relu(self.bn2(self.conv2(out)))
         return self.bn3(self.conv3(out))
+
+    def layers(self) -> tuple[ConvBN, ...]:
+        return (self.conv1, self.bn1), (self.conv2, self.bn2), (self.conv3, self.bn3)
 
 
 class DownsampleB(nn.Module):
@@ -106,16 +112,22 @@ class FlatResNet(nn.Module):
     def shortcut_views(self) -> list[BlockView]:
         views = []
         for s, b, block in self._flat():
-            out = (block.bn3 if isinstance(block, Bottleneck) else block.bn2).num_features
+            layers = block.layers()
             shortcut: Optional[nn.Module] = None
-            kind = "identity"
+            kind, shortcut_layers = "identity", None
             ds = self.ds[s]
             is_empty = isinstance(ds, nn.Sequential) and len(ds) == 0
             if b == 0 and not is_empty:
                 shortcut = ds
-                kind = "downsample_b" if isinstance(ds, DownsampleB) else "projection"
+                if isinstance(ds, DownsampleB):
+                    if ds.avg.kernel_size not in (2, (2, 2)):
+                        raise ValueError(f"DownsampleB shortcuts pool 2x2 in BlockDrop, got {ds.avg}")
+                    kind = "downsample_b"
+                else:
+                    kind, shortcut_layers = "projection", ((ds[0], ds[1]),)
             views.append(BlockView(branch=block, shortcut=shortcut, shortcut_kind=kind,
-                                   out_channels=out))
+                                   out_channels=layers[-1][1].num_features, branch_layers=layers,
+                                   shortcut_layers=shortcut_layers))
         return views
 
     def head(self, h: torch.Tensor) -> torch.Tensor:
@@ -280,6 +292,8 @@ class BlockDrop(RoutedModel):
     checkpoints ``{'agent': ..., 'resnet': ...}``."""
 
     router = "planned"
+    # The official rule: a block is kept iff its probability p >= 0.5 (0.5 keeps; NaN drops).
+    threshold, runs_at_threshold = 0.5, True
 
     def __init__(self, resnet: FlatResNet, agent: _Policy, name: str = "blockdrop"):
         super().__init__()
@@ -322,10 +336,6 @@ class BlockDrop(RoutedModel):
         """The agent, which exposes stem/block_views/head like a dense routed model."""
         return self.agent
 
-    @staticmethod
-    def decide(p: torch.Tensor) -> torch.Tensor:
-        """Official rule: keep iff p >= 0.5 (0.5 keeps; NaN drops)."""
-        return p >= 0.5
 
     def _masked_forward(self, x: torch.Tensor):
         routing = self.decide(self.policy_probs(x))

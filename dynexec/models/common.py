@@ -1,8 +1,10 @@
 """Pieces shared by the SkipNet and BlockDrop re-implementations.
 
 Every dynamic model in dynexec exposes the small *routed-model interface* that the
-lowering in ``dynexec.runtime.program`` reads (see ``RoutedModel``). The eager ``forward`` of each
-model is the official masked semantics and serves as the reference for the engine.
+runtime reads (see ``RoutedModel``): its stem, its blocks (``BlockView``, with the
+convolution/BatchNorm pairs the runtime folds), its head, its router and the decision rule.
+The runtime never looks inside a model beyond this interface. The eager ``forward`` of
+each model is the official masked semantics and serves as the reference for the engine.
 """
 from __future__ import annotations
 
@@ -34,20 +36,39 @@ def official_init_(model: nn.Module, zero_linear_bias: bool = False) -> None:
                 nn.init.zeros_(m.bias)
 
 
+ConvBN = tuple[nn.Conv2d, nn.BatchNorm2d]
+
+SHORTCUT_KINDS = ("identity", "projection", "downsample_b")
+
+
 @dataclass(frozen=True)
 class BlockView:
-    """One residual block as the engine sees it.
+    """One residual block as the runtime sees it.
 
     branch:   the residual function F(x) without the add (a callable module).
     shortcut: None for identity, else a module mapping the block input to the residual.
-    shortcut_kind: 'identity' | 'projection' | 'downsample_b'.
+    shortcut_kind: 'identity' | 'projection' | 'downsample_b' (DownsampleB: 2x2 average
+              pooling, then zero channels appended up to ``out_channels``).
     out_channels: channels of the block output.
+    branch_layers: the branch as (conv, eval-mode BatchNorm) pairs, a ReLU after each but
+              the last — what the runtime folds into its convolutions; None when the
+              branch is not such a chain (the runtime then calls ``branch`` as is).
+    shortcut_layers: a projection shortcut as (conv, BatchNorm) pairs, or None.
     """
 
     branch: nn.Module
     shortcut: Optional[nn.Module]
     shortcut_kind: str
     out_channels: int
+    branch_layers: Optional[tuple[ConvBN, ...]] = None
+    shortcut_layers: Optional[tuple[ConvBN, ...]] = None
+
+    def __post_init__(self):
+        if self.shortcut_kind not in SHORTCUT_KINDS:
+            raise ValueError(f"shortcut_kind must be one of {SHORTCUT_KINDS}, got {self.shortcut_kind!r}")
+        if (self.shortcut is None) != (self.shortcut_kind == "identity"):
+            raise ValueError(f"a {self.shortcut_kind} shortcut needs "
+                             f"{'no' if self.shortcut_kind == 'identity' else 'a'} shortcut module")
 
 
 @dataclass(frozen=True)
@@ -59,6 +80,18 @@ class StemView:
     bn: nn.BatchNorm2d
     pre: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
     post: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
+
+
+@dataclass(frozen=True)
+class RecurrentGateView:
+    """SkipNet's recurrent gate as the runtime sees it: after block k, the block output's
+    spatial mean goes through ``embeddings[k]`` (a 1x1 convolution), one step of ``lstm``
+    (one layer; its state carried from gate to gate), ``proj`` (a Linear or 1x1
+    convolution to one output) and a sigmoid: the probability that block k + 1 runs."""
+
+    embeddings: tuple[nn.Conv2d, ...]
+    lstm: nn.LSTM
+    proj: nn.Module
 
 
 @dataclass(frozen=True)
@@ -101,11 +134,18 @@ def check_input(x, *, model_name: str, in_channels: int, size: int,
 class RoutedModel(nn.Module):
     """Base class of every model dynexec can compile.
 
-    Subclasses set ``router`` to 'none', 'online' (SkipNet) or 'planned' (BlockDrop) and
-    implement the methods below. The eager ``forward`` is the official semantics.
+    Subclasses set ``router`` to 'none', 'online' (SkipNet: a gate after each block
+    decides the next) or 'planned' (BlockDrop: a policy network decides every block from
+    the input) and implement the methods below. The decision rule is declared, not
+    coded: block k runs for a sample iff its probability p >= ``threshold`` (when
+    ``runs_at_threshold``) or p > ``threshold``; NaN never runs it. ``decide`` applies
+    it; every executor, the C++ one included, reads the declaration. The eager
+    ``forward`` is the official semantics.
     """
 
     router: str = "none"
+    threshold: float = 0.5
+    runs_at_threshold: bool = False
     input_size: int = 32
     in_channels: int = 3
     model_name: str = "model"
@@ -130,6 +170,38 @@ class RoutedModel(nn.Module):
         it as one kernel); None makes the engine call ``head`` as is."""
         return None
 
+    def decide(self, p: torch.Tensor) -> torch.Tensor:
+        """The routing (bool) from probabilities p, by the declared rule."""
+        return p >= self.threshold if self.runs_at_threshold else p > self.threshold
+
+    # planned routers ('planned'):
+    def policy_probs(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
+        """The policy network's probabilities [N, num_blocks] for input x."""
+        raise NotImplementedError
+
+    def policy_network(self) -> "RoutedModel":  # pragma: no cover - abstract
+        """The policy network as a model of its own (router 'none', stem/blocks/head),
+        whose head gives ``policy_probs``, so the runtime can lower it too."""
+        raise NotImplementedError
+
+    # online routers ('online'):
+    def gates(self) -> list[nn.Module]:  # pragma: no cover - abstract
+        """The gate after each block (the last one's output is not used)."""
+        raise NotImplementedError
+
+    def gate_init_state(self, batch: int, like: torch.Tensor):
+        """The gates' state before the first gate (None for stateless gates)."""
+        return None
+
+    def gate_step(self, gate: nn.Module, h: torch.Tensor, state):  # pragma: no cover - abstract
+        """(p [N], new state) of ``gate`` on the block output h."""
+        raise NotImplementedError
+
+    def recurrent_gate_view(self) -> Optional[RecurrentGateView]:
+        """The gates' parts when they are SkipNet's recurrent gate (lets the runtime run
+        one fused kernel per step); None makes it call ``gate_step``."""
+        return None
+
     @property
     def num_blocks(self) -> int:
         return len(self.block_views())
@@ -152,10 +224,11 @@ class RoutedModel(nn.Module):
         self.check_input(x)
         n = x.shape[0]
         if n == 0:
-            return self._empty_result(x)
+            return self.empty_result(x)
         return self._masked_forward(x)
 
-    def _empty_result(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def empty_result(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logits [0, classes], routing [0, num_blocks]) of an empty batch x."""
         logits = x.new_zeros((0, self.num_classes))
         return logits, torch.zeros((0, self.num_blocks), dtype=torch.bool, device=x.device)
 

@@ -19,7 +19,8 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .common import BlockView, HeadView, RoutedModel, StemView, conv3x3, official_init_
+from .common import (BlockView, ConvBN, HeadView, RecurrentGateView, RoutedModel, StemView, conv3x3,
+                     official_init_)
 
 
 # --------------------------------------------------------------------------------------
@@ -41,6 +42,9 @@ class BasicBlock(nn.Module):
 
     def branch(self, x: torch.Tensor) -> torch.Tensor:
         return self.bn2(self.conv2(self.relu(self.bn1(self.conv1(x)))))
+
+    def layers(self) -> tuple[ConvBN, ...]:
+        return (self.conv1, self.bn1), (self.conv2, self.bn2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         residual = x if self.downsample is None else self.downsample(x)
@@ -70,6 +74,9 @@ class Bottleneck(nn.Module):
         out = self.relu(self.bn2(self.conv2(out)))
         return self.bn3(self.conv3(out))
 
+    def layers(self) -> tuple[ConvBN, ...]:
+        return (self.conv1, self.bn1), (self.conv2, self.bn2), (self.conv3, self.bn3)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         residual = x if self.downsample is None else self.downsample(x)
         return torch.relu(self.branch(x) + residual)
@@ -92,6 +99,15 @@ def _projection(inplanes: int, outplanes: int, stride: int) -> nn.Sequential:
         nn.Conv2d(inplanes, outplanes, kernel_size=1, stride=stride, bias=False),
         nn.BatchNorm2d(outplanes),
     )
+
+
+def _block_view(layer: nn.Module, downsample: Optional[nn.Sequential]) -> BlockView:
+    """A block (BasicBlock or Bottleneck) with its projection shortcut or none."""
+    branch_layers = layer.layers()
+    return BlockView(branch=_Branch(layer), shortcut=downsample,
+                     shortcut_kind="identity" if downsample is None else "projection",
+                     out_channels=branch_layers[-1][1].num_features, branch_layers=branch_layers,
+                     shortcut_layers=None if downsample is None else ((downsample[0], downsample[1]),))
 
 
 # --------------------------------------------------------------------------------------
@@ -231,6 +247,8 @@ class SkipNet(_ResNetTrunk):
     (docs/official-models.md); ``variant`` only records which name built the model."""
 
     router = "online"
+    # The official rule: a block runs iff its gate's p > 0.5 (p == 0.5 and NaN skip it).
+    threshold, runs_at_threshold = 0.5, False
 
     def __init__(self, block: type, layers: list[int], num_classes: int = 10, *,
                  dataset: str = "cifar", gate_type: str = "rnn", embed_dim: int = 10,
@@ -295,18 +313,8 @@ class SkipNet(_ResNetTrunk):
         return [(g, i) for g, n in enumerate(self.num_layers, start=1) for i in range(n)]
 
     def block_views(self) -> list[BlockView]:
-        views = []
-        for g, i in self._names():
-            layer = getattr(self, f"group{g}_layer{i}")
-            ds = getattr(self, f"group{g}_ds{i}")
-            views.append(BlockView(
-                branch=_Branch(layer),
-                shortcut=ds,
-                shortcut_kind="identity" if ds is None else "projection",
-                out_channels=layer.bn2.num_features if isinstance(layer, BasicBlock)
-                else layer.bn3.num_features,
-            ))
-        return views
+        return [_block_view(getattr(self, f"group{g}_layer{i}"), getattr(self, f"group{g}_ds{i}"))
+                for g, i in self._names()]
 
     def gates(self) -> list[nn.Module]:
         return [getattr(self, f"group{g}_gate{i}") for g, i in self._names()]
@@ -317,10 +325,11 @@ class SkipNet(_ResNetTrunk):
             return self.control.init_state(batch, like)
         return None
 
-    @staticmethod
-    def decide(p: torch.Tensor) -> torch.Tensor:
-        """Official rule: execute iff p > 0.5 (strict; p == 0.5 and NaN skip)."""
-        return p > 0.5
+    def recurrent_gate_view(self) -> Optional[RecurrentGateView]:
+        if self.gate_type != "rnn":
+            return None
+        return RecurrentGateView(embeddings=tuple(g[1] for g in self.gates()), lstm=self.control.rnn,
+                                 proj=self.control.proj)
 
     # -- official masked execution ---------------------------------------------------
     def _masked_forward(self, x: torch.Tensor):
@@ -387,10 +396,7 @@ class PlainResNet(_ResNetTrunk):
         return [b for g in range(1, len(self.num_layers) + 1) for b in getattr(self, f"layer{g}")]
 
     def block_views(self) -> list[BlockView]:
-        return [BlockView(branch=_Branch(b), shortcut=b.downsample,
-                          shortcut_kind="identity" if b.downsample is None else "projection",
-                          out_channels=(b.bn2 if isinstance(b, BasicBlock) else b.bn3).num_features)
-                for b in self._blocks()]
+        return [_block_view(b, b.downsample) for b in self._blocks()]
 
     def _masked_forward(self, x: torch.Tensor):
         h = self.stem(x)

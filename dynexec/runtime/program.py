@@ -1,16 +1,27 @@
-"""Lowering a routed model into the normalized program the engine executes.
+"""Lowering a routed model into the Program its executor runs.
 
     stem(x) -> h
     for each block k: executed -> h = relu(branch_k(h) + shortcut_k(h))
                       skipped  -> h = shortcut_k(h)              (no ReLU)
     head(h) -> logits
-    router: none | planned (policy on the input) | online (gate after each block)
+    router: none | planned (a policy network on the input) | online (a gate after each block)
 
-Nothing below knows which paper a model came from: the model supplies its stem, block
-views, head, and router functions (``dynexec.models.common.RoutedModel``). With
-``fold_bn`` the eval-mode BatchNorms of branches and projection shortcuts are folded into
-their convolutions (float64 arithmetic, then cast), which changes results only by float
-rounding.
+``lower(model, backend, ...)`` decides once which executor runs the model and builds what
+that executor needs:
+
+- ``cpu-loop`` (native backend, every branch a OneDnnChain: CPU float32 NHWC with the
+  'winograd' or 'onednn' convolutions; no router, a policy network, or SkipNet's
+  recurrent gate): the C++ loop ``torch.classes.dynexec.BlockLoop``, with the stem, the
+  head and the policy in it when they can run there;
+- ``gpu-graph`` (backend 'triton-graph'): blocks packed for the fused indexed
+  convolutions, run without a host synchronisation and captured in CUDA graphs;
+- ``python``: the portable loop over an op backend (torch, native or triton).
+
+Nothing here knows which paper a model came from: the model supplies its stem, block
+views (with the convolution/BatchNorm pairs to fold), head, router and decision rule
+(``dynexec.models.common.RoutedModel``). With ``fold_bn`` the eval-mode BatchNorms are
+folded into their convolutions (``dynexec.runtime.folding``), which changes results only
+by float rounding.
 """
 from __future__ import annotations
 
@@ -18,14 +29,14 @@ from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
-import torch.nn.functional as F
-from torch import nn
 
-from ..models.blockdrop import BasicBlock as BDBasic, Bottleneck as BDBottleneck, DownsampleB
-from ..models.common import BlockView, HeadView, RoutedModel, StemView
-from ..models.skipnet import BasicBlock as SNBasic, Bottleneck as SNBottleneck
-from .ops import reference
+from ..models.common import BlockView, RoutedModel
+from .blocks import FusedProgramBlock, ProgramBlock
+from .folding import FoldedChain, FoldedHead, FoldedStem, fold_layers
+from .ops import Backend, get_backend
+from .routers import ModuleGates, RecurrentGates, lower_gates
 
+EXECUTORS = ("auto", "python", "cpu-loop", "gpu-graph")
 
 CONV_IMPLS = ("auto", "winograd", "onednn", "mkldnn", "aten")
 
@@ -91,436 +102,168 @@ def resolve_batch_shards(requested) -> int:
     return requested
 
 
-@dataclass(frozen=True)
-class FoldedConv:
-    """A convolution with its BatchNorm folded in and an optional ReLU.
-
-    ``packed`` is the weight pre-reordered for torch's oneDNN op ('mkldnn', see
-    ``resolve_conv_impl``): F.conv2d reorders the plain weight on every call, 15-30 us per
-    convolution, which weighs most on the small sub-batches of routed blocks.
-    """
-    weight: torch.Tensor
-    bias: torch.Tensor
-    stride: int
-    padding: int
-    relu: bool
-    packed: Optional[torch.Tensor] = None
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if self.packed is not None:
-            y = torch.ops.mkldnn._convolution_pointwise(
-                x, self.packed, self.bias, [self.padding] * 2, [self.stride] * 2, [1, 1], 1,
-                "none", [], "")
-        else:
-            y = F.conv2d(x, self.weight, self.bias, self.stride, self.padding)
-        # Not oneDNN's fused ReLU: it maps NaN to 0, the official models propagate NaN.
-        return torch.relu_(y) if self.relu else y
-
-    def add_(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-        """residual += conv(x), in place: the add happens in the conv's epilogue and no
-        output is allocated (a fresh 4-8 MB tensor per block costs more than the add).
-        The caller must own ``residual``. No ReLU here: oneDNN's fused ReLU maps NaN to 0."""
-        if self.relu:
-            raise ValueError("add_ is for the last convolution of a branch (no own ReLU)")
-        if self.packed is not None:
-            torch.ops.mkldnn._convolution_pointwise_.binary(
-                residual, x, self.packed, self.bias, [self.padding] * 2, [self.stride] * 2,
-                [1, 1], 1, "add", None, None, [], None)
-            return residual
-        return residual.add_(self(x))
-
-    def packed_for_cpu(self) -> "FoldedConv":
-        """This conv on weights packed for torch's oneDNN op when it is a CPU float32 conv."""
-        if not self.is_cpu_float32:
-            return self
-        packed = torch._C._nn.mkldnn_reorder_conv2d_weight(
-            self.weight.to_mkldnn(), [self.padding] * 2, [self.stride] * 2, [1, 1], 1)
-        return FoldedConv(self.weight, self.bias, self.stride, self.padding, self.relu, packed)
-
-    @property
-    def is_cpu_float32(self) -> bool:
-        return self.weight.device.type == "cpu" and self.weight.dtype == torch.float32
-
-
-def fold_conv_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d, relu: bool) -> FoldedConv:
-    """conv (no bias or bias) followed by eval-mode BN, as one conv with bias."""
-    if conv.groups != 1 or conv.dilation != (1, 1) or conv.stride[0] != conv.stride[1] \
-            or conv.padding[0] != conv.padding[1]:
-        raise ValueError(f"cannot fold {conv}: only square, ungrouped, undilated convs are folded")
-    dtype = conv.weight.dtype
-    w = conv.weight.detach().double()
-    scale = bn.weight.detach().double() / torch.sqrt(bn.running_var.detach().double() + bn.eps)
-    bias = conv.bias.detach().double() if conv.bias is not None else torch.zeros_like(scale)
-    folded_w = (w * scale.view(-1, 1, 1, 1)).to(dtype)
-    folded_b = (bn.bias.detach().double() + (bias - bn.running_mean.detach().double()) * scale).to(dtype)
-    return FoldedConv(folded_w.contiguous(), folded_b, conv.stride[0], conv.padding[0], relu)
-
-
-class FoldedChain:
-    """A sequence of folded convs: the branch or the projection shortcut of a block, or a
-    stem's convolution. ``fused`` is the whole chain as one dynexec oneDNN object
-    (torch.classes.dynexec.OneDnnChain, convolutions='onednn'), which also runs the
-    engine's per-block steps around the chain in one call each (``rows_add_relu_`` ...)."""
-
-    def __init__(self, convs: list[FoldedConv], fused: Optional[object] = None):
-        self.convs = tuple(convs)
-        self.fused = fused
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if self.fused is not None:
-            return self.fused.forward(x)
-        for conv in self.convs:
-            x = conv(x)
-        return x
-
-    def add_(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-        """residual += chain(x), in place, fused into the last convolution."""
-        if self.fused is not None:
-            return self.fused.add_(x, residual)
-        for conv in self.convs[:-1]:
-            x = conv(x)
-        return self.convs[-1].add_(x, residual)
-
-    def packed_for_cpu(self, impl: str) -> "FoldedChain":
-        """This chain on pre-packed weights of ``impl`` (see resolve_conv_impl) when all
-        its convs are CPU float32 convs; otherwise unchanged."""
-        if impl == "aten" or not all(c.is_cpu_float32 for c in self.convs):
-            return self
-        # (OneDnnChain is conv, ReLU, ..., conv; other chains take torch's oneDNN op)
-        if impl == "mkldnn" or not all(c.relu for c in self.convs[:-1]):
-            return FoldedChain([c.packed_for_cpu() for c in self.convs])
-        fused = torch.classes.dynexec.OneDnnChain(
-            [c.weight for c in self.convs], [c.bias for c in self.convs],
-            [c.stride for c in self.convs], [c.padding for c in self.convs], self.convs[-1].relu)
-        if impl == "winograd":
-            fused.enable_winograd()
-        return FoldedChain(self.convs, fused)
-
-    @property
-    def weights(self) -> list[torch.Tensor]:
-        return [c.weight for c in self.convs]
-
-
-class FoldedStem:
-    """pre -> conv with BN folded and ReLU -> post."""
-
-    def __init__(self, view: StemView, pack: Optional[str]):
-        conv = FoldedChain([fold_conv_bn(view.conv, view.bn, relu=True)])
-        self.conv = conv.packed_for_cpu(pack) if pack else conv
-        self.pre, self.post = view.pre, view.post
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if self.pre is not None:
-            x = self.pre(x)
-        x = self.conv(x)
-        return self.post(x) if self.post is not None else x
-
-
-class FoldedHead:
-    """Global average pooling -> linear (-> sigmoid) as one kernel, dynexec::pooled_linear,
-    on CPU float32 maps of the pooled size; anything else takes the model's own head. The
-    C++ forward (BlockLoop.set_head) runs the same kernel, so both give the same bits."""
-
-    def __init__(self, view: HeadView, fallback: Callable[[torch.Tensor], torch.Tensor]):
-        linear = view.linear
-        self.pool = view.pool.kernel_size
-        self.weight = linear.weight.detach().clone().contiguous()
-        self.bias = (linear.bias.detach().clone() if linear.bias is not None
-                     else torch.zeros(linear.out_features, dtype=linear.weight.dtype,
-                                      device=linear.weight.device))
-        self.sigmoid = view.sigmoid
-        self.fallback = fallback
-
-    @staticmethod
-    def foldable(view: Optional[HeadView]) -> bool:
-        """A square, unpadded, non-overlapping window (the whole map at the model's size)."""
-        if view is None:
-            return False
-        pool = view.pool
-        k = pool.kernel_size
-        return (isinstance(k, int) and pool.stride in (k, (k, k)) and pool.padding in (0, (0, 0))
-                and not pool.ceil_mode and pool.divisor_override is None)
-
-    def __call__(self, h: torch.Tensor) -> torch.Tensor:
-        if (h.device.type == "cpu" and h.dtype == torch.float32 == self.weight.dtype and h.dim() == 4
-                and h.shape[2] == h.shape[3] == self.pool):
-            return torch.ops.dynexec.pooled_linear(h, self.weight, self.bias, self.sigmoid)
-        return self.fallback(h)
-
-
-def _lower_head(owner, native: bool) -> Callable[[torch.Tensor], torch.Tensor]:
-    view = owner.head_view() if native else None
-    return FoldedHead(view, owner.head) if FoldedHead.foldable(view) else owner.head
-
-
-def _lower_stem(owner, fold_bn: bool, pack: Optional[str]) -> Callable[[torch.Tensor], torch.Tensor]:
-    view = owner.stem_view() if fold_bn else None
-    return FoldedStem(view, pack) if view is not None else owner.stem
-
-
-def _fold_branch(module: nn.Module) -> Optional[FoldedChain]:
-    block = getattr(module, "block", module)  # SkipNet branches are adapters over a block
-    if isinstance(block, (SNBasic, BDBasic)):
-        return FoldedChain([fold_conv_bn(block.conv1, block.bn1, True),
-                            fold_conv_bn(block.conv2, block.bn2, False)])
-    if isinstance(block, (SNBottleneck, BDBottleneck)):
-        return FoldedChain([fold_conv_bn(block.conv1, block.bn1, True),
-                            fold_conv_bn(block.conv2, block.bn2, True),
-                            fold_conv_bn(block.conv3, block.bn3, False)])
-    return None
-
-
-def _fold_projection(module: nn.Module) -> Optional[FoldedChain]:
-    if isinstance(module, nn.Sequential) and len(module) == 2 \
-            and isinstance(module[0], nn.Conv2d) and isinstance(module[1], nn.BatchNorm2d):
-        return FoldedChain([fold_conv_bn(module[0], module[1], False)])
-    return None
-
-
-# --------------------------------------------------------------------------------------
-# Routers
-# --------------------------------------------------------------------------------------
-class RecurrentGates:
-    """SkipNet's recurrent gate, lowered: global average pool, the 1x1 embedding as a
-    matrix product, one LSTM cell step, the projection and sigmoid — one
-    ``recurrent_gate_step`` op per gate. The engine passes the pooled block output
-    (``step_pooled``), which its fused scatter computes; ``step`` pools itself."""
-
-    takes_pooled = True
-
-    def __init__(self, model: RoutedModel):
-        control = model.control
-        self.embed_w = [g[1].weight.detach().flatten(1).t().contiguous() for g in model.gates()]
-        self.embed_b = [g[1].bias.detach() for g in model.gates()]
-        rnn = control.rnn
-        self.w_ih, self.w_hh = rnn.weight_ih_l0.detach(), rnn.weight_hh_l0.detach()
-        self.b_ih, self.b_hh = rnn.bias_ih_l0.detach(), rnn.bias_hh_l0.detach()
-        self.proj_w = control.proj.weight.detach().reshape(1, -1).t().contiguous()
-        self.proj_b = control.proj.bias.detach()
-        self.hidden = control.hidden_dim
-
-    def init_state(self, n: int, like: torch.Tensor):
-        zeros = like.new_zeros((n, self.hidden))
-        return zeros, zeros.clone()
-
-    def step_pooled(self, k: int, pooled: torch.Tensor, state, gate_step: Callable):
-        p, hx, cx = gate_step(pooled, self.embed_w[k], self.embed_b[k], self.w_ih, self.w_hh,
-                              self.b_ih, self.b_hh, self.proj_w, self.proj_b, *state)
-        return p, (hx, cx)
-
-    def step(self, k: int, h: torch.Tensor, state):
-        return self.step_pooled(k, h.mean(dim=(2, 3)), state, reference.recurrent_gate_step)
-
-
-class ModuleGates:
-    """Any other gate: the model's own modules (feed-forward gates)."""
-
-    takes_pooled = False
-
-    def __init__(self, model: RoutedModel):
-        self.model = model
-        self.gates = tuple(model.gates())
-
-    def init_state(self, n: int, like: torch.Tensor):
-        return self.model.gate_init_state(n, like)
-
-    def step(self, k: int, h: torch.Tensor, state):
-        return self.model.gate_step(self.gates[k], h, state)
-
-
-def lower_gates(model: RoutedModel, fuse: bool):
-    if fuse and getattr(model, "gate_type", None) == "rnn":
-        return RecurrentGates(model)
-    return ModuleGates(model)
 
 
 @dataclass(frozen=True)
-class ProgramBlock:
-    branch: Callable[[torch.Tensor], torch.Tensor]
-    shortcut_kind: str                      # 'identity' | 'projection' | 'downsample_b'
-    shortcut: Optional[Callable[[torch.Tensor], torch.Tensor]]
-    out_channels: int
-
-    def _fused(self, ops) -> Optional[object]:
-        """The branch's OneDnnChain when it may run the regrouping steps too: they call
-        the native ops, so only with the native backend."""
-        fused = getattr(self.branch, "fused", None)
-        return fused if fused is not None and ops.name == "native" else None
-
-    def branch_add_(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-        """residual += branch(x), in place (the caller owns ``residual``); fused into the
-        last convolution when folded."""
-        fused = getattr(self.branch, "add_", None)
-        if fused is not None:
-            return fused(x, residual)
-        return residual.add_(self.branch(x))
-
-    def branch_add_relu_(self, x: torch.Tensor, residual: torch.Tensor, ops) -> torch.Tensor:
-        """residual = relu(branch(x) + residual), in place."""
-        fused = self._fused(ops)
-        if fused is not None:
-            return fused.add_relu_(x, residual)
-        return self.branch_add_(x, residual).relu_()
-
-    def branch_add_relu_pool_(self, x: torch.Tensor, residual: torch.Tensor,
-                              pooled: torch.Tensor, ops) -> torch.Tensor:
-        """branch_add_relu_, and pooled = the result's spatial mean [N, C]."""
-        fused = self._fused(ops)
-        if fused is not None:
-            return fused.add_relu_pool_(x, residual, pooled)
-        out = self.branch_add_(x, residual)
-        ops.relu_pool_(out, pooled)
-        return out
-
-    def rows_add_relu_(self, h: torch.Tensor, idx: torch.Tensor, count: int,
-                       out: torch.Tensor, ops) -> torch.Tensor:
-        """The routed step: out[i] = relu(out[i] + branch(h[i])) for i in idx[:count]
-        (gather, branch on the sub-batch, fused scatter); other rows untouched."""
-        fused = self._fused(ops)
-        if fused is not None:
-            return fused.rows_add_relu_(h, idx, count, out)
-        ops.scatter_residual_relu_(out, self.branch(ops.gather_rows(h, idx, count)), idx, count)
-        return out
-
-    def rows_add_relu_pool_(self, h: torch.Tensor, idx: torch.Tensor, count: int,
-                            out: torch.Tensor, pooled: torch.Tensor, ops) -> torch.Tensor:
-        """rows_add_relu_, and pooled[i] = out[i]'s spatial mean for the same rows."""
-        fused = self._fused(ops)
-        if fused is not None:
-            return fused.rows_add_relu_pool_(h, idx, count, out, pooled)
-        y = self.branch(ops.gather_rows(h, idx, count))
-        ops.scatter_residual_relu_pool_(out, y, idx, count, pooled)
-        return out
-
-
-@dataclass(frozen=True)
-class DenseProgram:
-    """A network whose blocks always all run (BlockDrop's policy network)."""
-
-    stem: Callable[[torch.Tensor], torch.Tensor]
-    blocks: tuple[ProgramBlock, ...]
-    head: Callable[[torch.Tensor], torch.Tensor]
-    native_loop: Optional["NativeLoop"] = None
+class CpuLoop:
+    """The C++ executor's loop and which parts of the forward run in it."""
+    loop: object          # torch.classes.dynexec.BlockLoop
+    runs_stem: bool       # else the Program's stem runs first, in Python
+    runs_head: bool       # else the Program's head runs last, in Python
+    runs_policy: bool     # planned router: the policy network and its decisions run in it
 
 
 @dataclass(frozen=True)
 class Program:
     model: RoutedModel
+    executor: str                            # 'python' | 'cpu-loop' | 'gpu-graph'
     stem: Callable[[torch.Tensor], torch.Tensor]
-    blocks: tuple[ProgramBlock, ...]
+    blocks: tuple                            # ProgramBlock (python, cpu-loop) or GraphBlock (gpu-graph)
     head: Callable[[torch.Tensor], torch.Tensor]
     router: str                              # 'none' | 'planned' | 'online'
-    gate_runner: Optional[object] = None     # online: init_state(n, like), step(k, h, state)
-    policy: Optional[DenseProgram] = None    # planned routers: probabilities [N, K]
-    native_loop: Optional[NativeLoop] = None  # the block loop in C++ (OneDnnChain programs)
+    ops: Optional[Backend] = None            # the op backend of the Python loop
+    gates: Optional[object] = None           # online: RecurrentGates or ModuleGates
+    policy: Optional["Program"] = None       # planned: the policy network (router 'none')
+    cpu_loop: Optional[CpuLoop] = None       # cpu-loop
     folded: bool = False
     channels_last: bool = False
     convolutions: str = "aten"               # of the folded CPU float32 convs: see resolve_conv_impl
-    batch_shards: object = "auto"            # of the C++ block loop: see resolve_batch_shards
+    batch_shards: object = "auto"            # of the C++ loop: see resolve_batch_shards
 
     @property
     def num_blocks(self) -> int:
         return len(self.blocks)
 
-
-def _lower_block(view: BlockView, fold_bn: bool, pack: Optional[str]) -> ProgramBlock:
-    branch = _fold_branch(view.branch) if fold_bn else None
-    shortcut = view.shortcut
-    if view.shortcut_kind == "projection" and fold_bn:
-        shortcut = _fold_projection(view.shortcut) or view.shortcut
-    if view.shortcut_kind == "downsample_b" and not isinstance(view.shortcut, DownsampleB):
-        raise TypeError(f"downsample_b shortcut must be a DownsampleB, got {type(view.shortcut)}")
-    if pack:
-        branch = branch.packed_for_cpu(pack) if branch is not None else None
-        if isinstance(shortcut, FoldedChain):
-            shortcut = shortcut.packed_for_cpu(pack)
-    return ProgramBlock(branch=branch or view.branch, shortcut_kind=view.shortcut_kind,
-                        shortcut=shortcut, out_channels=view.out_channels)
+    @property
+    def backend(self) -> str:
+        return "triton-graph" if self.executor == "gpu-graph" else self.ops.name
 
 
-@dataclass(frozen=True)
-class NativeLoop:
-    """The engine's block loop in C++ (torch.classes.dynexec.BlockLoop), for programs whose
-    branches and projection shortcuts are OneDnnChains; used with the native backend."""
-    loop: object
-    recurrent: bool      # it also runs the program's online router (SkipNet's recurrent gate)
-    whole: bool = False  # it also runs the stem and the head (loop.forward_*: input -> logits)
-    # planned routers: the policy's decision rule as loop.forward_with_policy takes it
-    # (True: p >= 0.5, False: p > 0.5); None: a rule the C++ forward does not know
-    keep_at_half: Optional[bool] = None
+def _lower_block(view: BlockView, fold_bn: bool, impl: str, ops: Backend) -> ProgramBlock:
+    branch, shortcut = view.branch, view.shortcut
+    if fold_bn and view.branch_layers is not None:
+        branch = fold_layers(view.branch_layers).packed(impl)
+    if fold_bn and view.shortcut_layers is not None:
+        shortcut = fold_layers(view.shortcut_layers).packed(impl)
+    # The OneDnnChain runs the regrouping steps with the native ops: native backend only.
+    fused = ops.name == "native" and getattr(branch, "fused", None) is not None
+    return (FusedProgramBlock if fused else ProgramBlock)(
+        branch=branch, shortcut_kind=view.shortcut_kind, shortcut=shortcut,
+        out_channels=view.out_channels, ops=ops)
 
 
-def threshold_rule(decide: Callable[[torch.Tensor], torch.Tensor]) -> Optional[bool]:
-    """True if ``decide`` keeps p >= 0.5, False if p > 0.5 (NaN dropped by both), None for
-    any other rule."""
-    p = torch.tensor([0.5, float("nan"), 0.49999997, 0.50000006, 0.0, 1.0])
-    got = decide(p).tolist()
-    for keep in (True, False):
-        if got == [keep, False, False, True, False, True]:
-            return keep
-    return None
+def _lower_stem(owner, fold_bn: bool, impl: str) -> Callable[[torch.Tensor], torch.Tensor]:
+    view = owner.stem_view() if fold_bn else None
+    return FoldedStem(view, impl) if view is not None else owner.stem
 
 
-def _native_loop(blocks: tuple[ProgramBlock, ...], router: str, gates, shards: int,
-                 stem=None, head=None, decide=None) -> Optional[NativeLoop]:
-    def fused(chain):
-        return getattr(chain, "fused", None)
+def _lower_head(owner, native_kernel: bool) -> Callable[[torch.Tensor], torch.Tensor]:
+    view = owner.head_view() if native_kernel else None
+    return FoldedHead(view, owner.head) if FoldedHead.foldable(view) else owner.head
 
-    if any(fused(b.branch) is None or (b.shortcut_kind == "projection" and fused(b.shortcut) is None)
-           for b in blocks):
+
+def _fused(chain) -> Optional[object]:
+    return getattr(chain, "fused", None)
+
+
+def build_cpu_loop(blocks, stem, head, router: str, gates, shards: int, model,
+                    policy: Optional["Program"]) -> Optional[CpuLoop]:
+    """The C++ loop of these blocks, or None when some branch or projection is not a
+    OneDnnChain or the router is one the loop does not run (feed-forward gates)."""
+    if not all(isinstance(b, FusedProgramBlock) for b in blocks) or any(
+            b.shortcut_kind == "projection" and _fused(b.shortcut) is None for b in blocks):
+        return None
+    if router == "online" and not isinstance(gates, RecurrentGates):
         return None
     loop = torch.classes.dynexec.BlockLoop()
     loop.set_shards(shards)
     for b in blocks:
-        loop.add_block(fused(b.branch), fused(b.shortcut) if b.shortcut_kind == "projection" else None,
+        loop.add_block(b.branch.fused, _fused(b.shortcut) if b.shortcut_kind == "projection" else None,
                        b.out_channels if b.shortcut_kind == "downsample_b" else 0)
-    recurrent = router == "online" and isinstance(gates, RecurrentGates)
-    if recurrent:
+    if router != "none":
+        loop.set_decision_rule(float(model.threshold), bool(model.runs_at_threshold))
+    if router == "online":
         loop.set_recurrent_gate(gates.w_ih, gates.w_hh, gates.b_ih, gates.b_hh, gates.proj_w,
                                 gates.proj_b, gates.embed_w, gates.embed_b)
-    # The whole forward in C++ when the stem is one fused conv + ReLU (no input or output
-    # pooling) and the head is a FoldedHead of float32 weights.
-    whole = (isinstance(stem, FoldedStem) and stem.pre is None and stem.post is None
-             and fused(stem.conv) is not None and isinstance(head, FoldedHead)
-             and head.weight.dtype == torch.float32 and head.weight.device.type == "cpu")
-    if whole:
-        loop.set_stem(fused(stem.conv))
+    # The stem in C++ when it is one fused conv + ReLU with no pooling before or after it,
+    # the head when it is a FoldedHead of float32 CPU weights.
+    runs_stem = (isinstance(stem, FoldedStem) and stem.pre is None and stem.post is None
+                 and _fused(stem.conv) is not None)
+    runs_head = isinstance(head, FoldedHead) and head.is_cpu_float32
+    if runs_stem:
+        loop.set_stem(_fused(stem.conv))
+    if runs_head:
         loop.set_head(head.weight, head.bias, head.pool, head.sigmoid)
-    return NativeLoop(loop, recurrent, whole, threshold_rule(decide) if decide is not None else None)
+    runs_policy = (router == "planned" and runs_stem and policy is not None and policy.cpu_loop is not None
+                   and policy.cpu_loop.runs_stem and policy.cpu_loop.runs_head)
+    if runs_policy:
+        loop.set_policy(policy.cpu_loop.loop)
+    return CpuLoop(loop, runs_stem, runs_head, runs_policy)
 
 
-def lower(model: RoutedModel, fold_bn: bool = True, channels_last: bool = False,
-          convolutions: str = "auto", batch_shards="auto") -> Program:
-    """Lower an eval-mode routed model into a Program. ``channels_last`` runs the blocks
-    on NHWC activations (faster convolutions on CPU and GPU); ``convolutions`` picks the
-    implementation of the folded CPU float32 convolutions (``resolve_conv_impl``);
-    ``batch_shards`` how the C++ block loop splits a batch (``resolve_batch_shards``)."""
+def _lower_dense(owner, fold_bn: bool, impl: str, ops: Backend, channels_last: bool, shards: int,
+                 executor: str, model) -> Program:
+    """A network whose blocks all run (BlockDrop's policy network) as a Program."""
+    blocks = tuple(_lower_block(v, fold_bn, impl, ops) for v in owner.block_views())
+    stem, head = _lower_stem(owner, fold_bn, impl), _lower_head(owner, impl in ("onednn", "winograd"))
+    loop = build_cpu_loop(blocks, stem, head, "none", None, shards, model, None) \
+        if executor != "python" else None
+    return Program(model=model, executor="cpu-loop" if loop else "python", stem=stem, blocks=blocks,
+                   head=head, router="none", ops=ops, cpu_loop=loop, folded=fold_bn,
+                   channels_last=channels_last, convolutions=impl)
+
+
+def lower(model: RoutedModel, backend: str = "auto", device=None, *, fold_bn: bool = True,
+          channels_last: bool = True, convolutions: str = "auto", batch_shards="auto",
+          executor: str = "auto") -> Program:
+    """Lower an eval-mode routed model into the Program of its executor.
+
+    backend: 'auto' (native on CPU; triton -> native -> torch on CUDA), 'native',
+    'triton', 'torch' or 'triton-graph' (the gpu-graph executor). device: where it runs
+    (default: the model's). channels_last: run the blocks on NHWC activations.
+    convolutions: the implementation of the folded CPU float32 convolutions
+    (``resolve_conv_impl``). batch_shards: how the C++ loop splits a batch
+    (``resolve_batch_shards``). executor: 'auto' (the C++ loop where it applies, else the
+    Python loop) or 'python' (the portable Python loop, e.g. to compare with)."""
     if not isinstance(model, RoutedModel):
         raise TypeError(f"dynexec can compile the models of dynexec.models (SkipNet, BlockDrop, "
                         f"plain ResNets); got {type(model).__name__}")
     if model.training:
         raise ValueError("compile expects an eval-mode model (BatchNorm must use running "
                          "statistics); call model.eval() first")
-    impl = resolve_conv_impl(convolutions)
+    if executor not in EXECUTORS:
+        raise ValueError(f"executor must be one of {', '.join(EXECUTORS)}; got {executor!r}")
     shards = resolve_batch_shards(batch_shards)
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    if backend == "triton-graph" or executor == "gpu-graph":
+        if backend != "triton-graph" or executor not in ("auto", "gpu-graph"):
+            raise ValueError(f"the gpu-graph executor is the 'triton-graph' backend; got backend "
+                             f"{backend!r} with executor {executor!r}")
+        from .executors.gpu_graph import pack_blocks
+        gates = ModuleGates(model) if model.router == "online" else None
+        return Program(model=model, executor="gpu-graph", stem=model.stem,
+                       blocks=pack_blocks(model, device, fold_bn), head=model.head,
+                       router=model.router, gates=gates, folded=True, channels_last=True)
+    if executor == "cpu-loop" and backend not in ("auto", "native"):
+        raise ValueError(f"the cpu-loop executor runs on the native backend; got backend {backend!r}")
+    ops = get_backend(backend, device)
+    impl = resolve_conv_impl(convolutions)
     # oneDNN's packed weights return channels_last outputs, so only NHWC programs use them.
-    pack = impl if fold_bn and channels_last else None
-    blocks = tuple(_lower_block(v, fold_bn, pack) for v in model.block_views())
-    gate_runner = lower_gates(model, fuse=fold_bn) if model.router == "online" else None
-    # The heads run as one kernel when the extension that has it is built.
-    native_heads = pack in ("onednn", "winograd")
+    pack = impl if fold_bn and channels_last else "aten"
+    blocks = tuple(_lower_block(v, fold_bn, pack, ops) for v in model.block_views())
+    gates = lower_gates(model, fuse=fold_bn) if model.router == "online" else None
     policy = None
     if model.router == "planned":
-        agent = model.policy_network()
-        agent_blocks = tuple(_lower_block(v, fold_bn, pack) for v in agent.block_views())
-        agent_stem, agent_head = _lower_stem(agent, fold_bn, pack), _lower_head(agent, native_heads)
-        policy = DenseProgram(stem=agent_stem, head=agent_head, blocks=agent_blocks,
-                              native_loop=_native_loop(agent_blocks, "none", None, shards,
-                                                       agent_stem, agent_head))
-    stem, head = _lower_stem(model, fold_bn, pack), _lower_head(model, native_heads)
-    return Program(model=model, stem=stem, blocks=blocks, head=head,
-                   router=model.router, gate_runner=gate_runner, policy=policy,
-                   native_loop=_native_loop(blocks, model.router, gate_runner, shards, stem, head,
-                                            model.decide if model.router == "planned" else None),
-                   folded=fold_bn, channels_last=channels_last, convolutions=pack or "aten",
+        policy = _lower_dense(model.policy_network(), fold_bn, pack, ops, channels_last, shards,
+                              executor, model)
+    stem, head = _lower_stem(model, fold_bn, pack), _lower_head(model, pack in ("onednn", "winograd"))
+    loop = build_cpu_loop(blocks, stem, head, model.router, gates, shards, model, policy) \
+        if executor != "python" else None
+    if executor == "cpu-loop" and loop is None:
+        raise ValueError("the cpu-loop executor needs the native backend, folded BatchNorm, "
+                         "channels_last, the 'winograd' or 'onednn' convolutions and no "
+                         "feed-forward gates; use executor='auto'")
+    return Program(model=model, executor="cpu-loop" if loop else "python", stem=stem, blocks=blocks,
+                   head=head, router=model.router, ops=ops, gates=gates, policy=policy, cpu_loop=loop,
+                   folded=fold_bn, channels_last=channels_last, convolutions=pack,
                    batch_shards=batch_shards)

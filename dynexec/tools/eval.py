@@ -109,7 +109,7 @@ def evaluate(model, x: torch.Tensor, y: torch.Tensor, batch_size: int = 250,
         "seconds_eager": t_eager,
         "seconds_engine": t_engine,
         "fold_bn": fold_bn,
-        "backend": engine.backend.name,
+        "backend": engine.backend_name,
     }
     if model.router == "online":
         out["computation_percentage"] = float(skipnet_computation_percentage(re_))

@@ -26,7 +26,7 @@ from .calibrate import calibrate, randomize_batchnorm
 from ..models.checkpoints import load_checkpoint
 from ..models.common import RoutedModel
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CHECKPOINT_DIR = os.environ.get("DYNEXEC_CHECKPOINTS", os.path.join(REPO_ROOT, "checkpoints"))
 
 

@@ -1,10 +1,11 @@
-"""The ``triton-graph`` backend: a sync-free routed forward, captured in one CUDA graph.
+"""The gpu-graph executor (backend ``triton-graph``): a sync-free routed forward, captured
+in one CUDA graph.
 
 What it does
 ------------
-``GraphEngine`` runs the same function as :class:`dynexec.runtime.engine.Engine` (and as the
-official masked models), but without a single device->host synchronisation between the
-input and the logits. Per forward::
+``GraphExecutor`` runs the same function as the other executors (and as the official
+masked models), but without a single device->host synchronisation between the input and
+the logits. Per forward::
 
     h = stem(x)                                   # plain torch ops, then channels_last
     for every block k:
@@ -44,32 +45,27 @@ interpreter, ``TRITON_INTERPRET=1``) capture is never attempted.
 
 State and threads
 -----------------
-Unlike ``Engine``, a ``GraphEngine`` owns per-call scratch: per (batch size, dtype,
+Unlike the other executors, a ``GraphExecutor`` owns per-call scratch: per (batch size, dtype,
 device) it preallocates compact workspaces sized for the full batch, the projection
 shortcut outputs, ``arange(N)`` / ``N`` index tensors and (on CUDA) the graph with its
-static buffers; they are reused by every call. Calls on one engine are therefore
+static buffers; they are reused by every call. Calls on one executor are therefore
 serialised by a lock (held until the outputs are cloned / enqueued). On CUDA all work is
 enqueued on the caller's current stream; when a call comes from a different stream than
 the previous one, the new stream first waits for the old one (``wait_stream``: a
 device-side dependency, not a host sync), so workspaces are never used concurrently.
-For parallel inference use one engine per thread/stream.
+For parallel inference compile one engine per thread/stream.
 
-What was verified here (no GPU available)
------------------------------------------
-``tests/test_graph_engine.py`` runs this engine with ``capture=False`` on CPU under the
-Triton interpreter: routing identical to and logits within 1e-4 (relative, fp32) of the
-eager official model (SkipNet CIFAR recurrent and feed-forward gates, BlockDrop CIFAR
-with DownsampleB, a bottleneck SkipNet with projection shortcuts) for mixed, all-on,
-all-off and forced routings; no ``item`` / ``bool`` / ``int`` / ``float`` / ``tolist`` /
-``nonzero`` on a tensor anywhere in the forward; and the same launch sequence (this
-module's launch log, and the aten op sequence) for different routings; the graph
-runner's plumbing (one capture per key, warm-up first, static input / forced-routing
-copies, cloned outputs) with stand-ins for ``torch.cuda``'s stream and graph API; and
-concurrent calls from two threads. The whole file takes about 1-1.5 minutes on 2 busy
-cores.
-NOT verified: CUDA-graph capture and replay themselves (the ``_GraphRunner`` path), the
-performance on a GPU, and whether the model's gate code (e.g. cuDNN LSTM) captures
-cleanly -- none of that can run without a CUDA device.
+Tests
+-----
+``tests/test_graph_engine.py`` runs this executor eagerly on CPU under the Triton
+interpreter: routing identical to, and logits within 1e-4 (relative, fp32) of, the eager
+official model (SkipNet recurrent and feed-forward gates, BlockDrop with DownsampleB, a
+bottleneck SkipNet with projection shortcuts) for mixed, all-on, all-off and forced
+routings; no ``item`` / ``bool`` / ``int`` / ``float`` / ``tolist`` / ``nonzero`` on a
+tensor anywhere in the forward; the same launch sequence for different routings; the
+graph runner's plumbing with stand-ins for ``torch.cuda``'s stream and graph API; and
+concurrent calls from two threads. CUDA-graph capture and replay themselves, and the
+speed, need a CUDA device.
 """
 from __future__ import annotations
 
@@ -81,11 +77,11 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .engine import check_routing
-from ..models.common import RoutedModel
-from .program import Program, lower
+from ...models.common import RoutedModel
+from ..folding import fold_batchnorm
+from ..routers import ModuleGates
 
-__all__ = ["GraphEngine", "make_graph_engine", "graph_backend_status"]
+__all__ = ["GraphExecutor", "lower_for_graph", "graph_backend_status"]
 
 CL = torch.channels_last
 _NEEDS_DEVICE = "triton-graph needs a CUDA device (or TRITON_INTERPRET=1 for tests)"
@@ -98,7 +94,7 @@ def _kernel_modules():
     """(indexed_conv, regroup) modules. Attributes are looked up at call time, so an
     ``importlib.reload`` of either module (tests switching to the interpreter) is
     followed automatically."""
-    from ..kernels import indexed_conv, regroup  # noqa: WPS433 - optional dependency
+    from ...kernels import indexed_conv, regroup  # noqa: WPS433 - optional dependency
     return indexed_conv, regroup
 
 
@@ -141,7 +137,7 @@ class _Conv:
 
 
 @dataclass(frozen=True)
-class _Block:
+class GraphBlock:
     convs: tuple[_Conv, ...]      # branch: 2 (basic) or 3 (bottleneck); the last has no ReLU
     shortcut_kind: str            # 'identity' | 'projection' | 'downsample_b'
     shortcut_conv: Optional[_Conv]
@@ -149,63 +145,36 @@ class _Block:
     out_channels: int
 
 
-def _fold(conv: nn.Conv2d, bn: nn.BatchNorm2d, dtype: torch.dtype, ic) -> _Conv:
-    kh, kw = conv.kernel_size
-    if conv.groups != 1 or conv.dilation != (1, 1) or kh != kw \
-            or conv.stride[0] != conv.stride[1] or conv.padding[0] != conv.padding[1] \
-            or conv.padding_mode != "zeros":
-        raise TypeError(f"triton-graph: cannot run {conv}: only square, ungrouped, undilated, "
-                        f"zero-padded convolutions are supported")
-    if not isinstance(bn, nn.BatchNorm2d) or bn.running_mean is None:
-        raise TypeError(f"triton-graph: expected an eval-mode BatchNorm2d after {conv}, got {bn}")
-    w = conv.weight.detach().to(torch.float64)
-    scale = bn.running_var.detach().to(torch.float64).add(bn.eps).rsqrt()
-    if bn.weight is not None:
-        scale = scale * bn.weight.detach().to(torch.float64)
-    bias = conv.bias.detach().to(torch.float64) if conv.bias is not None else torch.zeros_like(scale)
-    b = (bias - bn.running_mean.detach().to(torch.float64)) * scale
-    if bn.bias is not None:
-        b = b + bn.bias.detach().to(torch.float64)
-    w = w * scale.view(-1, 1, 1, 1)
+def _pack(conv: nn.Conv2d, bn: nn.BatchNorm2d, dtype: torch.dtype, ic) -> _Conv:
+    """conv -> eval-mode BN folded (float64), packed for indexed_conv2d: weights in the
+    activation dtype, bias in float32 (float64 for float64 models)."""
+    try:
+        w, b = fold_batchnorm(conv, bn)
+    except TypeError as exc:
+        raise TypeError(f"triton-graph: {exc}") from None
     bias_dtype = torch.float64 if dtype == torch.float64 else torch.float32
     return _Conv(weight=ic.pack_weight(w, dtype=dtype), bias=b.to(bias_dtype).contiguous(),
-                 kernel_size=kh, stride=conv.stride[0], padding=conv.padding[0],
+                 kernel_size=conv.kernel_size[0], stride=conv.stride[0], padding=conv.padding[0],
                  cin=conv.in_channels, cout=conv.out_channels)
 
 
-def _branch_pairs(branch: nn.Module) -> list[tuple[nn.Conv2d, nn.BatchNorm2d]]:
-    block = getattr(branch, "block", branch)  # SkipNet branches are adapters over a block
-    if all(hasattr(block, a) for a in ("conv1", "bn1", "conv2", "bn2", "conv3", "bn3")):
-        return [(block.conv1, block.bn1), (block.conv2, block.bn2), (block.conv3, block.bn3)]
-    if all(hasattr(block, a) for a in ("conv1", "bn1", "conv2", "bn2")):
-        return [(block.conv1, block.bn1), (block.conv2, block.bn2)]
-    raise TypeError(f"triton-graph: unsupported residual branch {type(block).__name__} "
-                    f"(expected a BasicBlock or Bottleneck)")
-
-
-def _lower_blocks(model: RoutedModel, dtype: torch.dtype, ic) -> tuple[_Block, ...]:
+def _lower_blocks(model: RoutedModel, dtype: torch.dtype, ic) -> tuple[GraphBlock, ...]:
     blocks = []
     for view in model.block_views():
-        convs = tuple(_fold(c, b, dtype, ic) for c, b in _branch_pairs(view.branch))
+        if view.branch_layers is None:
+            raise TypeError(f"triton-graph: unsupported residual branch {type(view.branch).__name__} "
+                            f"(expected conv-BatchNorm layers, as BasicBlock and Bottleneck)")
+        convs = tuple(_pack(c, b, dtype, ic) for c, b in view.branch_layers)
         sc_conv, sc_module = None, None
         if view.shortcut_kind == "projection":
-            sc = view.shortcut
-            if isinstance(sc, nn.Sequential) and len(sc) == 2 and isinstance(sc[0], nn.Conv2d) \
-                    and isinstance(sc[1], nn.BatchNorm2d):
-                sc_conv = _fold(sc[0], sc[1], dtype, ic)
+            if view.shortcut_layers is not None and len(view.shortcut_layers) == 1:
+                sc_conv = _pack(*view.shortcut_layers[0], dtype, ic)
             else:
-                sc_module = sc
-        elif view.shortcut_kind == "downsample_b":
-            pool = getattr(getattr(view.shortcut, "avg", None), "kernel_size", None)
-            if pool not in (2, (2, 2)):
-                raise TypeError(f"triton-graph: DownsampleB with a {pool} pool is not supported "
-                                f"(the kernel pools 2x2)")
-        elif view.shortcut_kind != "identity":
-            raise TypeError(f"triton-graph: unknown shortcut kind {view.shortcut_kind!r}")
+                sc_module = view.shortcut
         if convs[-1].cout != view.out_channels:
             raise ValueError(f"triton-graph: branch outputs {convs[-1].cout} channels, the block "
                              f"{view.out_channels}")
-        blocks.append(_Block(convs, view.shortcut_kind, sc_conv, sc_module, view.out_channels))
+        blocks.append(GraphBlock(convs, view.shortcut_kind, sc_conv, sc_module, view.out_channels))
     return tuple(blocks)
 
 
@@ -223,7 +192,7 @@ class _Workspace:
     branch, sized for the largest layer and the FULL batch), one output buffer per
     folded projection shortcut, and the index/count tensors of full-batch launches."""
 
-    def __init__(self, blocks: tuple[_Block, ...], stem_shape: tuple[int, int, int], n: int,
+    def __init__(self, blocks: tuple[GraphBlock, ...], stem_shape: tuple[int, int, int], n: int,
                  dtype: torch.dtype, device: torch.device):
         self.n = n
         self.full_idx = torch.arange(n, dtype=torch.int64, device=device)
@@ -261,7 +230,7 @@ class _Workspace:
 class _GraphRunner:
     """One captured forward (CUDA only): static input (+ forced routing) and outputs."""
 
-    def __init__(self, engine: "GraphEngine", x: torch.Tensor, forced: Optional[torch.Tensor],
+    def __init__(self, engine: "GraphExecutor", x: torch.Tensor, forced: Optional[torch.Tensor],
                  warmup: int):
         self.static_x = torch.empty_like(x, memory_format=CL).copy_(x)
         self.static_forced = forced.clone() if forced is not None else None
@@ -285,18 +254,16 @@ class _GraphRunner:
 
 
 # --------------------------------------------------------------------------------------
-# The engine
+# The executor
 # --------------------------------------------------------------------------------------
-class GraphEngine:
-    """A compiled model on the ``triton-graph`` backend. Same call API as
-    :class:`dynexec.runtime.engine.Engine`: ``engine(x)`` -> logits; ``engine(x,
-    return_routing=True)`` -> (logits, routing[N, K] bool); ``engine(x, routing=r)`` runs
-    a given routing instead of the model's router. Build it with
-    :func:`make_graph_engine`. See the module docstring for the design."""
+class GraphExecutor:
+    """Runs a gpu-graph Program. ``capture``: on CUDA, capture the forward in one CUDA
+    graph per (batch size, dtype, forced routing or not) and replay it (default); False
+    runs the same sync-free launch sequence eagerly. On CPU (Triton interpreter only) the
+    forward always runs eagerly. ``warmup``: eager iterations on a side stream before
+    each capture. See the module docstring for the design."""
 
-    backend_name = "triton-graph"
-
-    def __init__(self, program: Program, capture: bool = True, warmup: int = 2):
+    def __init__(self, program, capture: bool = True, warmup: int = 2):
         ic, rg = _kernel_modules()
         self._ic, self._rg = ic, rg
         self.program = program
@@ -306,7 +273,7 @@ class GraphEngine:
         self.dtype = self._param.dtype
         self.capture = bool(capture) and self.device.type == "cuda"
         self.warmup = warmup
-        self._blocks = _lower_blocks(self.model, self.dtype, ic)
+        self._blocks = program.blocks
         self._stem_shape: Optional[tuple[int, int, int]] = None
         self._workspaces: dict[tuple, _Workspace] = {}
         self._graphs: dict[tuple, _GraphRunner] = {}
@@ -317,29 +284,12 @@ class GraphEngine:
     def num_blocks(self) -> int:
         return len(self._blocks)
 
-    def __repr__(self) -> str:
-        return (f"GraphEngine(model={self.model.model_name}, blocks={self.num_blocks}, "
-                f"router={self.program.router}, backend={self.backend_name}, "
-                f"capture={self.capture})")
-
-    # ----------------------------------------------------------------------------------
-    def __call__(self, x: torch.Tensor, return_routing: bool = False,
-                 routing: Optional[torch.Tensor] = None):
-        self.model.check_input(x)
-        if routing is not None:
-            routing = self._check_routing(routing, x.shape[0], x.device)
-        with torch.inference_mode(), self._lock:
-            if x.shape[0] == 0:
-                logits, used = self.model._empty_result(x)
-            elif self.capture:
-                logits, used = self._replay(x, routing)
-            else:
-                self._order_streams(self._workspace(x.shape[0]))
-                logits, used = self._forward(x, routing)
-        return (logits, used) if return_routing else logits
-
-    def _check_routing(self, routing: torch.Tensor, n: int, device: torch.device) -> torch.Tensor:
-        return check_routing(routing, n, self.num_blocks, device)
+    def run(self, x: torch.Tensor, routing: Optional[torch.Tensor]):
+        with self._lock:
+            if self.capture:
+                return self._replay(x, routing)
+            self._order_streams(self._workspace(x.shape[0]))
+            return self._forward(x, routing)
 
     @contextlib.contextmanager
     def record_launches(self):
@@ -413,7 +363,7 @@ class GraphEngine:
             h = h.clone(memory_format=CL)
         h = h.contiguous(memory_format=CL)
         self._log("stem", tuple(h.shape))
-        state = prog.gate_runner.init_state(n, h) if online else None
+        state = prog.gates.init_state(n, h) if online else None
         for k, blk in enumerate(self._blocks):
             if forced is None and (prog.router == "none" or (online and k == 0)):
                 # Statically known to run on the whole batch (no router decision).
@@ -424,7 +374,7 @@ class GraphEngine:
                 self._log("partition", k, n)
             h = self._run_block(k, blk, h, idx, count, ws)
             if online and k + 1 < k_total:
-                p, state = prog.gate_runner.step(k, h, state)
+                p, state = prog.gates.step(k, h, state)
                 routing[:, k + 1] = model.decide(p)
                 self._log("gate", k)
         logits = prog.head(h)
@@ -438,7 +388,7 @@ class GraphEngine:
         return self._ic.indexed_conv2d(x, conv.weight, conv.bias, kernel_size=conv.kernel_size,
                                        stride=conv.stride, padding=conv.padding, **kw)
 
-    def _run_block(self, k: int, blk: _Block, h: torch.Tensor, idx: torch.Tensor,
+    def _run_block(self, k: int, blk: GraphBlock, h: torch.Tensor, idx: torch.Tensor,
                    count: torch.Tensor, ws: _Workspace) -> torch.Tensor:
         # 1. The shortcut for the full batch: the block output before the scatter.
         if blk.shortcut_kind == "identity":
@@ -467,25 +417,15 @@ class GraphEngine:
         return out
 
 
-def make_graph_engine(model: torch.nn.Module, capture: bool = True, *, fold_bn: bool = True,
-                      warmup: int = 2) -> GraphEngine:
-    """Compile an eval-mode dynexec model for the ``triton-graph`` backend.
-
-    ``capture``: on CUDA, capture the forward in one CUDA graph per (batch size, dtype)
-    and replay it (default); False runs the same sync-free launch sequence eagerly. On
-    CPU (Triton interpreter only) the forward always runs eagerly. ``warmup``: eager
-    iterations on a side stream before each capture. The engine snapshots the weights
-    (BatchNorm is folded): compile again after changing the model. Raises RuntimeError
-    when the backend cannot run on the model's device. ``fold_bn`` exists for parity
-    with ``dynexec.compile``: the fused kernels need folded BatchNorm, so False is a
-    ValueError.
-    """
+def pack_blocks(model: RoutedModel, device: torch.device, fold_bn: bool = True) -> tuple[GraphBlock, ...]:
+    """The model's blocks for the gpu-graph executor: BatchNorm folded, weights packed for
+    the fused indexed convolutions. Raises ValueError for fold_bn=False (the fused kernels
+    need folded BatchNorm) and RuntimeError when the executor cannot run on ``device``."""
     if not fold_bn:
         raise ValueError("the triton-graph backend always folds BatchNorm into the fused "
                          "convolutions; fold_bn=False is not supported")
-    program = lower(model, fold_bn=False)  # structure only; BN is folded here, kept in fp32
-    device = next(model.parameters()).device
     ok, reason = graph_backend_status(device)
     if not ok:
         raise RuntimeError(f"{reason} (the model is on {device})")
-    return GraphEngine(program, capture=capture, warmup=warmup)
+    ic, _ = _kernel_modules()
+    return _lower_blocks(model, next(model.parameters()).dtype, ic)
