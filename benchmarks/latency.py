@@ -98,7 +98,7 @@ def paired_ratio(numerator: list[float], denominator: list[float]) -> float:
     Both methods ran in round r within a second or so of each other, so a slowdown of the
     machine that lasts longer than a round (other tenants' work on a shared host) scales
     both times and cancels in their ratio; the ratio of two medians taken over all rounds
-    keeps it as noise (README "Performance" compares the two on one run)."""
+    keeps it as noise."""
     if len(numerator) != len(denominator) or not numerator:
         raise ValueError(f"expected two equally long, non-empty lists of round times, got "
                          f"{len(numerator)} and {len(denominator)}")

@@ -10,7 +10,7 @@ import warnings
 from . import models
 from .models import build
 from .models.checkpoints import CheckpointError, load_checkpoint
-from .runtime import extension as _extension
+from .runtime.ops import extension as _extension
 from .runtime.engine import Engine, compile
 
 # Load the native extension now, so its ops are registered; without it the engine still

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import dynexec
-from dynexec.runtime import extension as _native
+from dynexec.runtime.ops import extension as _native
 from dynexec.models.common import HeadView
 from dynexec.runtime.ops import reference as ref
 from dynexec.runtime.folding import FoldedHead

@@ -320,6 +320,19 @@ class BlockLoop : public torch::CustomClassHolder {
     return out;
   }
 
+  // The default shard count for n rows and `threads` threads: one shard per thread, or a
+  // multiple of the threads when a shard would get more than kShardRows rows. Larger
+  // shards run slower per row: a CIFAR ResNet's first-stage activations are 64 KB per
+  // row, and past ~32 rows a shard's working set no longer fits a core's cache. Measured
+  // side by side (2 threads, SkipNet-110 / BlockDrop R110): 4 shards of 32 rows instead
+  // of 2 of 64 at batch 128 took 5-9 % less time, dense and routed; at batch 64, 4 shards
+  // of 16 instead of 2 of 32 changed nothing.
+  static constexpr int64_t kShardRows = 32;
+  static int64_t default_shards(int64_t n, int64_t threads) {
+    const int64_t per_round = threads * kShardRows;
+    return threads * std::max<int64_t>(1, (n + per_round - 1) / per_round);
+  }
+
   // Runs f(shard of h, its first row) -> (output, routing or undefined) on each shard of
   // consecutive rows and concatenates the results. With more than one shard, the shards
   // run side by side, one per intra-op thread; inside a shard every kernel runs on its
@@ -328,20 +341,7 @@ class BlockLoop : public torch::CustomClassHolder {
   // the same; what changes is the cost of the many small steps of a routed block on a
   // sub-batch of a few samples: one thread's work each instead of a fork and a join of
   // every thread per convolution, gather, ReLU, scatter and gate step. Measured on 2
-  // cores (README "Performance"): SkipNet-110 ~15 % faster at batch 8, ~6 % at 32.
-  // The default shard count for n rows and `threads` threads: one shard per thread, or a
-  // multiple of the threads when a shard would get more than kShardRows rows. Larger
-  // shards run slower per row: a CIFAR ResNet's first-stage activations are 64 KB per
-  // row, and past ~32 rows a shard's working set no longer fits a core's cache. Measured
-  // side by side (2 threads, SkipNet-110 / BlockDrop R110): 4 shards of 32 rows instead
-  // of 2 of 64 at batch 128 took 5-9 % less time, dense and routed; at batch 64, 4 shards
-  // of 16 instead of 2 of 32 changed nothing (README "Performance").
-  static constexpr int64_t kShardRows = 32;
-  static int64_t default_shards(int64_t n, int64_t threads) {
-    const int64_t per_round = threads * kShardRows;
-    return threads * std::max<int64_t>(1, (n + per_round - 1) / per_round);
-  }
-
+  // cores: SkipNet-110 ~15 % faster at batch 8, ~6 % at 32.
   template <typename F>
   std::pair<at::Tensor, at::Tensor> sharded(const at::Tensor& input, const F& f) const {
     check_input(input);

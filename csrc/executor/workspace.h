@@ -1,9 +1,8 @@
 // Buffers that a block loop reuses from block to block for the intermediate / output
 // activations of its branches.
 // Each slot grows to the largest size asked for and is then reused, so a forward
-// allocates a few buffers instead of ~3 tensors per block (issue #4: "reuse workspaces
-// instead of allocating per block"). One Workspace per shard of one forward: it is never
-// shared between threads.
+// allocates a few buffers instead of ~3 tensors per block. One Workspace per shard of
+// one forward: it is never shared between threads.
 #pragma once
 
 #include <ATen/ATen.h>

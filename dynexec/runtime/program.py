@@ -49,7 +49,7 @@ def onednn_packing_available() -> bool:
 
 def onednn_direct_available() -> bool:
     """dynexec._C was built with its own oneDNN primitives (torch.classes.dynexec.OneDnnChain, BlockLoop)."""
-    from .extension import load
+    from .ops.extension import load
     module, _ = load()
     return module is not None and torch.ops.dynexec.onednn_version() > 0
 

@@ -49,9 +49,9 @@ def _torch_backend() -> Backend:
 
 def _native_status(device: torch.device) -> tuple[bool, str]:
     try:
-        from .. import extension as _native
+        from . import extension as _native
     except ImportError as exc:  # the loader module itself is missing
-        return False, f"dynexec.runtime.extension is unavailable: {exc}"
+        return False, f"dynexec.runtime.ops.extension is unavailable: {exc}"
     module, reason = _native.load()
     if module is None:
         return False, reason or "the extension dynexec._C is not built"

@@ -1,6 +1,6 @@
 """Fake (meta) kernels of the native ops, for FakeTensor / torch.compile / opcheck.
 
-``register()`` is called by ``dynexec.runtime.extension.load()`` once ``dynexec._C`` has defined
+``register()`` is called by ``dynexec.runtime.ops.extension.load()`` once ``dynexec._C`` has defined
 the schemas (registering a fake kernel needs the operator to exist); importing this
 module alone registers nothing. Output shapes, dtypes and memory formats follow
 ``dynexec.runtime.ops.reference``.

@@ -62,7 +62,7 @@ def load() -> tuple[Optional[ModuleType], Optional[str]]:
                          "no torch.ops.dynexec ops")
         return _result
     _check_cuda_version()
-    from .ops import fake
+    from . import fake
     fake.register()
     _result = (module, None)
     return _result
