@@ -129,7 +129,8 @@ def _native_build():
     _log(f"  sources: {' '.join(sources)}")
     _log(f"  cxx flags: {' '.join(cxx_flags)}; link flags: {' '.join(link_flags) or '-'}")
     _log(f"  include dirs: {' '.join(include_dirs)}"
-         + (f"; after torch's/CUDA's: {' '.join(cuda_extra_include_dirs)}" if cuda_extra_include_dirs else ""))
+         + (f"; after torch's/CUDA's: {' '.join(cuda_extra_include_dirs)}"
+            if cuda_extra_include_dirs else ""))
 
     ext = extension(
         name="dynexec._C",
@@ -157,7 +158,8 @@ setup(
     version="0.1.0",
     description="Inference engine for dynamic-depth residual networks (SkipNet, BlockDrop)",
     python_requires=">=3.10",
-    packages=["dynexec", "dynexec.models", "dynexec.runtime", "dynexec.runtime.ops", "dynexec.tools", "dynexec.kernels"],
+    packages=["dynexec", "dynexec.models", "dynexec.runtime", "dynexec.runtime.ops", "dynexec.tools",
+              "dynexec.kernels"],
     package_dir={"dynexec.kernels": "kernels"},
     install_requires=["torch>=2.4", "numpy"],
     extras_require={

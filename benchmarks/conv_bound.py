@@ -32,8 +32,9 @@ import torch
 os.environ.setdefault("KINETO_LOG_LEVEL", "6")
 
 import dynexec
-from dynexec.tools.presets import PRESETS, build_preset
 from dynexec.runtime.program import CONV_IMPLS, resolve_conv_impl
+from dynexec.tools.presets import PRESETS, build_preset
+
 from latency import load_images
 
 

@@ -261,7 +261,7 @@ def machine_info(device: torch.device, args) -> dict:
     cpu = platform.processor() or ""
     try:
         with open("/proc/cpuinfo") as f:
-            cpu = next((l.split(":", 1)[1].strip() for l in f if l.startswith("model name")), cpu)
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
     except OSError:
         pass
     info = {"torch": torch.__version__, "dynexec": dynexec.__version__, "python": platform.python_version(),

@@ -10,8 +10,8 @@ import warnings
 from . import models
 from .models import build
 from .models.checkpoints import CheckpointError, load_checkpoint
-from .runtime.ops import extension as _extension
 from .runtime.engine import Engine, compile
+from .runtime.ops import extension as _extension
 
 # Load the native extension now, so its ops are registered; without it the engine still
 # works on the pure-PyTorch backend. A CUDA-version mismatch raises a clear RuntimeError.

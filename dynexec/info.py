@@ -30,8 +30,12 @@ def _op_rows(backend: str, ok: bool) -> list[tuple[str, str]]:
 
 
 def _conv_report() -> str:
-    from .runtime.program import (onednn_direct_available, onednn_packing_available, resolve_conv_impl,
-                          winograd_available)
+    from .runtime.program import (
+        onednn_direct_available,
+        onednn_packing_available,
+        resolve_conv_impl,
+        winograd_available,
+    )
     version = int(torch.ops.dynexec.onednn_version()) if onednn_direct_available() else 0
     onednn = (f"available (oneDNN {version // 10000}.{version // 100 % 100}.{version % 100})"
               if version else "unavailable (dynexec._C built without oneDNN)")

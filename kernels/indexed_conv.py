@@ -114,7 +114,8 @@ __all__ = [
 # ----------------------------------------------------------------------------------
 # Weight preparation
 # ----------------------------------------------------------------------------------
-def fold_bn(conv_weight: torch.Tensor, conv_bias: Optional[torch.Tensor], bn) -> tuple[torch.Tensor, torch.Tensor]:
+def fold_bn(conv_weight: torch.Tensor, conv_bias: Optional[torch.Tensor],
+            bn) -> tuple[torch.Tensor, torch.Tensor]:
     """Fold an eval-mode BatchNorm into the preceding convolution.
 
     ``bn`` is a ``torch.nn.BatchNorm2d`` (or any object with ``weight``, ``bias``,
@@ -130,7 +131,8 @@ def fold_bn(conv_weight: torch.Tensor, conv_bias: Optional[torch.Tensor], bn) ->
     var = bn.running_var.detach().to(torch.float64)
     gamma = bn.weight.detach().to(torch.float64) if bn.weight is not None else torch.ones_like(mean)
     beta = bn.bias.detach().to(torch.float64) if bn.bias is not None else torch.zeros_like(mean)
-    b = conv_bias.detach().to(torch.float64) if conv_bias is not None else torch.zeros(cout, dtype=torch.float64, device=w.device)
+    b = (conv_bias.detach().to(torch.float64) if conv_bias is not None
+         else torch.zeros(cout, dtype=torch.float64, device=w.device))
     scale = gamma / torch.sqrt(var + bn.eps)
     w_f = w * scale.reshape(-1, *([1] * (w.dim() - 1)))
     b_f = beta + (b - mean) * scale
@@ -233,7 +235,8 @@ def _next_pow2(v: int) -> int:
     return 1 << max(0, int(v) - 1).bit_length()
 
 
-def get_config(cin: int, cout: int, kernel_size: int, stride: int, dtype: torch.dtype = torch.float16) -> dict:
+def get_config(cin: int, cout: int, kernel_size: int, stride: int,
+               dtype: torch.dtype = torch.float16) -> dict:
     """Tile configuration for a conv layer (table lookup, else heuristic). Untuned.
 
     Returns a fresh dict with BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages.
@@ -486,7 +489,8 @@ def indexed_conv2d(
     if x.dtype not in _SUPPORTED_DTYPES:
         raise TypeError(f"unsupported dtype {x.dtype}")
     if w_packed.dtype != x.dtype:
-        raise TypeError(f"w_packed dtype {w_packed.dtype} != x dtype {x.dtype} (pack_weight(w, dtype=x.dtype))")
+        raise TypeError(f"w_packed dtype {w_packed.dtype} != x dtype {x.dtype} "
+                        "(pack_weight(w, dtype=x.dtype))")
     if not w_packed.is_contiguous():
         raise ValueError("w_packed must be contiguous (use pack_weight)")
     if residual is not None and residual.dtype != x.dtype:

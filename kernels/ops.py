@@ -13,8 +13,9 @@ library FRAGMENT, so both coexist):
 * ``torch.ops.dynexec.triton_downsample_b(x, out_channels) -> z``
 
 The plain functions :func:`partition`, :func:`gather_rows`, :func:`scatter_residual_relu_`,
-:func:`scatter_residual_relu_pool_`, :func:`relu_pool_` and :func:`downsample_b` have the reference signatures
-(``dynexec.runtime.ops.reference``) and call these ops. :func:`is_available` reports whether they can run here.
+:func:`scatter_residual_relu_pool_`, :func:`relu_pool_` and :func:`downsample_b` have the reference
+signatures (``dynexec.runtime.ops.reference``) and call these ops. :func:`is_available` reports
+whether they can run here.
 
 Registration details (torch 2.13, triton 3.9):
 
@@ -92,7 +93,8 @@ if _rg is not None:
         return _rg.gather_rows(x, idx, count)
 
     @triton_op("dynexec::triton_scatter_residual_relu_", mutates_args=("out",))
-    def _triton_scatter_residual_relu_(out: torch.Tensor, y: torch.Tensor, idx: torch.Tensor, count: int) -> None:
+    def _triton_scatter_residual_relu_(out: torch.Tensor, y: torch.Tensor, idx: torch.Tensor,
+                                       count: int) -> None:
         _rg.scatter_residual_relu_(out, y, idx, count)
 
     @triton_op("dynexec::triton_scatter_residual_relu_pool_", mutates_args=("out", "pooled"))
@@ -174,7 +176,8 @@ if _rg is not None:
 # ---- public functions with the reference signatures ----------------------------------
 def _ops():
     if _rg is None:
-        raise RuntimeError(f"dynexec Triton kernels are unavailable: triton cannot be imported ({_IMPORT_ERROR})")
+        raise RuntimeError("dynexec Triton kernels are unavailable: triton cannot be imported "
+                           f"({_IMPORT_ERROR})")
     return torch.ops.dynexec
 
 

@@ -274,7 +274,8 @@ def _scatter_residual_relu_pool_kernel(
 ):
     """out[idx[i]] = relu(y[i] + out[idx[i]]) and pooled[idx[i], c] = the mean over (h, w)
     of the new out[idx[i], c]. relu_pool_ runs it with HAS_Y = HAS_IDX = False: row i
-    itself (idx_ptr unused) becomes relu(out[i]) (y_ptr and its strides unused). grid = (count, channel blocks): a program owns BLOCK_C
+    itself (idx_ptr unused) becomes relu(out[i]) (y_ptr and its strides unused).
+    grid = (count, channel blocks): a program owns BLOCK_C
     channels of one row and sums them over all of H*W itself, so no sum is split between
     programs. out and y are addressed through their strides; FLAT_HW: (h, w) collapse to
     one stride (soh = W * sow, likewise for y), so the plane is p * sow (contiguity along

@@ -10,8 +10,14 @@ import pytest
 import torch
 
 import dynexec
-from dynexec.models.checkpoints import (CheckpointError, legacy_state_dict, load_checkpoint,
-                                 save_blockdrop_checkpoint, save_skipnet_checkpoint)
+from dynexec.models.checkpoints import (
+    CheckpointError,
+    legacy_state_dict,
+    load_checkpoint,
+    save_blockdrop_checkpoint,
+    save_skipnet_checkpoint,
+)
+
 from conftest import make_model, rel_err
 
 

@@ -6,8 +6,8 @@ import json
 import pytest
 import torch
 
-from dynexec.tools import data as data_mod
 from dynexec import eval as eval_mod
+from dynexec.tools import data as data_mod
 from dynexec.tools import train as train_mod
 
 DATA = "fashion-mnist" if data_mod.fashion_mnist_available() else "synthetic"

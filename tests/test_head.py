@@ -9,11 +9,12 @@ import torch
 from torch import nn
 
 import dynexec
-from dynexec.runtime.ops import extension as _native
 from dynexec.models.common import HeadView
-from dynexec.runtime.ops import reference as ref
 from dynexec.runtime.folding import FoldedHead
+from dynexec.runtime.ops import extension as _native
+from dynexec.runtime.ops import reference as ref
 from dynexec.runtime.program import build_cpu_loop
+
 from conftest import make_model
 
 _C, _REASON = _native.load()
@@ -88,7 +89,8 @@ def test_pooled_linear_errors():
 
 @pytest.mark.parametrize("args", [
     (torch.randn(3, 8, 4, 4), torch.randn(5, 8), torch.randn(5), False),
-    (torch.randn(2, 8, 4, 4).contiguous(memory_format=torch.channels_last), torch.randn(3, 8), torch.randn(3), True),
+    (torch.randn(2, 8, 4, 4).contiguous(memory_format=torch.channels_last), torch.randn(3, 8), torch.randn(3),
+     True),
     (torch.randn(0, 8, 2, 2), torch.randn(3, 8), torch.randn(3), False),
 ])
 def test_pooled_linear_opcheck(args):
@@ -187,13 +189,16 @@ def test_block_loop_forward_errors():
         loop.forward(x.double(), torch.ones(2, engine.num_blocks, dtype=torch.bool))
     with pytest.raises(RuntimeError, match=r"BlockLoop.forward: expected a bool routing \[2, \d+\]"):
         loop.forward(x, torch.ones(2, 1, dtype=torch.bool))
-    with pytest.raises(RuntimeError, match="expected a loop without a router, with a stem and a head giving"):
+    with pytest.raises(RuntimeError,
+                       match="expected a loop without a router, with a stem and a head giving"):
         loop.set_policy(loop)  # it has a router of its own, and its head gives classes, not blocks
-    with pytest.raises(RuntimeError, match="expected a loop without a router, .* got a loop without a stem or head"):
+    with pytest.raises(RuntimeError,
+                       match="expected a loop without a router, .* got a loop without a stem or head"):
         bare.set_policy(bare)
     router_without_rule = torch.classes.dynexec.BlockLoop()
     for b in engine.program.blocks:
-        router_without_rule.add_block(b.branch.fused, None, b.out_channels if b.shortcut_kind == "downsample_b" else 0)
+        router_without_rule.add_block(b.branch.fused, None,
+                                      b.out_channels if b.shortcut_kind == "downsample_b" else 0)
     router_without_rule.set_policy(policy)
     with pytest.raises(RuntimeError, match="has a router but no decision rule"):
         router_without_rule.forward(x, None)
@@ -202,7 +207,8 @@ def test_block_loop_forward_errors():
     # a head whose window is not the last map: a clear error, not a wrong mean
     head = engine.program.head
     loop.set_head(head.weight, head.bias, 4, False)
-    with pytest.raises(RuntimeError, match=r"the head pools a 4x4 map of 64 channels, but the last block gives"):
+    with pytest.raises(RuntimeError,
+                       match=r"the head pools a 4x4 map of 64 channels, but the last block gives"):
         loop.forward(x, None)
     assert policy.has_stem() and policy.has_head() and not policy.has_policy()
 

@@ -20,6 +20,7 @@ from torch._utils import _rebuild_tensor_v2
 
 import dynexec
 from dynexec.models.checkpoints import CheckpointError, legacy_state_dict, load_checkpoint, read_file
+
 from conftest import make_model
 
 MARKER = "PWNED_BY_CHECKPOINT"

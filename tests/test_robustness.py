@@ -14,6 +14,7 @@ import torch
 
 import dynexec
 from dynexec.runtime.ops import backend_status
+
 from conftest import input_size, make_model, rel_err
 
 BACKENDS = [name for name in ("native", "torch") if backend_status("cpu")[name][0]]
@@ -187,11 +188,11 @@ def test_nan_inf_inputs_engine_matches_eager(family):
     assert torch.isnan(eager_logits[0]).all()
     assert torch.equal(eager_routing[:1], _documented_routing(model, 1))
     # the clean samples are unaffected (eval-mode BatchNorm is per sample)
-    for (l_clean, r_clean), l, r, tol in ((clean_eager, eager_logits, eager_routing, 1e-6),
-                                          (clean_engine, logits, routing, 1e-5)):
+    for (l_clean, r_clean), lg, r, tol in ((clean_eager, eager_logits, eager_routing, 1e-6),
+                                           (clean_engine, logits, routing, 1e-5)):
         assert torch.equal(r[good], r_clean[good])
-        assert torch.isfinite(l[good]).all()
-        assert rel_err(l[good], l_clean[good]) <= tol
+        assert torch.isfinite(lg[good]).all()
+        assert rel_err(lg[good], l_clean[good]) <= tol
     assert rel_err(logits[good], eager_logits[good]) <= 1e-5
 
 

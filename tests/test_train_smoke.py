@@ -14,9 +14,9 @@ import pytest
 import torch
 
 import dynexec
+from dynexec.models.checkpoints import load_checkpoint
 from dynexec.tools import data as data_mod
 from dynexec.tools import train as train_mod
-from dynexec.models.checkpoints import load_checkpoint
 from dynexec.tools.eval import load_model
 
 HAVE_FMNIST = data_mod.fashion_mnist_available()

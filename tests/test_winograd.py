@@ -2,8 +2,9 @@
 conv3x3_winograd, csrc/ops/cpu/winograd_cpu.h) against F.conv2d in float64 on fresh seeded
 random data: every channel count it takes, even / odd / 1x1 / 2x3 images (partial edge
 tiles), empty / single / odd batches, NCHW, channels_last and non-contiguous inputs,
-one and two threads, the AVX2 and AVX-512 tile products (bit for bit), and bad arguments. Its use inside OneDnnChain is tested with the
-chain (tests/test_onednn_chain.py), inside the engine in tests/test_engine.py."""
+one and two threads, the AVX2 and AVX-512 tile products (bit for bit), and bad arguments.
+Its use inside OneDnnChain is tested with the chain (tests/test_onednn_chain.py), inside the
+engine in tests/test_engine.py."""
 from __future__ import annotations
 
 import os
@@ -78,7 +79,8 @@ def test_one_and_two_threads_agree_bitwise():
 _ISA_SCRIPT = """
 import sys, torch, dynexec
 outs = {}
-for C, K, seed in ((8, 16, 1), (16, 16, 2), (16, 32, 3), (32, 32, 4), (64, 64, 5), (24, 48, 6), (32, 80, 7), (64, 16, 8)):
+for C, K, seed in ((8, 16, 1), (16, 16, 2), (16, 32, 3), (32, 32, 4), (64, 64, 5), (24, 48, 6), (32, 80, 7),
+                   (64, 16, 8)):
     g = torch.Generator().manual_seed(seed)
     w = torch.randn(K, C, 3, 3, generator=g) / (9 * C) ** 0.5
     b = torch.randn(K, generator=g)
@@ -144,7 +146,9 @@ def test_nan_and_inf_inputs_stay_in_their_sample():
 def test_bad_arguments_name_what_was_expected():
     w, b = _conv(16, 16, seed=7)
     U = torch.ops.dynexec.winograd_weights(w)
-    with pytest.raises(RuntimeError, match=r"C a multiple of 8 and K a multiple of 16, got Float with shape \[16, 12, 3, 3\]"):
+    with pytest.raises(RuntimeError,
+                       match=r"C a multiple of 8 and K a multiple of 16, "
+                             r"got Float with shape \[16, 12, 3, 3\]"):
         torch.ops.dynexec.winograd_weights(torch.randn(16, 12, 3, 3))
     with pytest.raises(RuntimeError, match="multiple of 16"):
         torch.ops.dynexec.winograd_weights(torch.randn(8, 8, 3, 3))
@@ -154,7 +158,8 @@ def test_bad_arguments_name_what_was_expected():
         torch.ops.dynexec.winograd_weights(w.double())
     with pytest.raises(RuntimeError, match=r"transformed weights \[16, K / 16, C, 16\]"):
         torch.ops.dynexec.conv3x3_winograd(torch.randn(1, 16, 4, 4), w, b)
-    with pytest.raises(RuntimeError, match=r"float32 input \[N, 16, H, W\], got Float with shape \[1, 8, 4, 4\]"):
+    with pytest.raises(RuntimeError,
+                       match=r"float32 input \[N, 16, H, W\], got Float with shape \[1, 8, 4, 4\]"):
         torch.ops.dynexec.conv3x3_winograd(torch.randn(1, 8, 4, 4), U, b)
     with pytest.raises(RuntimeError, match=r"float32 input"):
         torch.ops.dynexec.conv3x3_winograd(torch.randn(1, 16, 4, 4, dtype=torch.float64), U, b)

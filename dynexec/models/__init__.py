@@ -8,8 +8,17 @@ Tushar-N/blockdrop (``R110_C10``, ``R101_ImgNet``, ...). Other depths: pass
 """
 from __future__ import annotations
 
-from .blockdrop import (BLOCKDROP_MODELS, BlockDrop, DownsampleB, FlatResNet, FlatResNet32,
-                        FlatResNet224, Policy32, Policy224, build_blockdrop)
+from .blockdrop import (
+    BLOCKDROP_MODELS,
+    BlockDrop,
+    DownsampleB,
+    FlatResNet,
+    FlatResNet32,
+    FlatResNet224,
+    Policy32,
+    Policy224,
+    build_blockdrop,
+)
 from .common import BlockView, RoutedModel
 from .skipnet import PlainResNet, SkipNet, skipnet_constructors
 

@@ -30,11 +30,13 @@ import torch
 from torch import nn
 
 from .. import models
-from .blockdrop import (BasicBlock as BDBasic, BlockDrop, Bottleneck as BDBottleneck,
-                               FlatResNet, FlatResNet32, FlatResNet224, Policy32, Policy224)
+from .blockdrop import BasicBlock as BDBasic
+from .blockdrop import BlockDrop, FlatResNet, FlatResNet32, FlatResNet224, Policy32, Policy224
+from .blockdrop import Bottleneck as BDBottleneck
 from .common import RoutedModel
-from .skipnet import (BasicBlock as SNBasic, Bottleneck as SNBottleneck, PlainResNet,
-                             SkipNet)
+from .skipnet import BasicBlock as SNBasic
+from .skipnet import Bottleneck as SNBottleneck
+from .skipnet import PlainResNet, SkipNet
 
 _SKIPNET_NAMES = set(models.skipnet_constructors())
 

@@ -27,10 +27,10 @@ import numpy as np
 import torch
 
 from ..models import checkpoints as ckpt_mod
-from . import data as data_mod
-from ..runtime.engine import compile as compile_engine
-from ..models.flops import blockdrop_stats, count_flops, skipnet_computation_percentage
 from ..models.blockdrop import BlockDrop, FlatResNet224, Policy32, Policy224
+from ..models.flops import blockdrop_stats, count_flops, skipnet_computation_percentage
+from ..runtime.engine import compile as compile_engine
+from . import data as data_mod
 
 
 def load_model(path: str, backbone: Optional[str] = None):
@@ -136,7 +136,8 @@ def format_report(m: dict) -> str:
     if "block_usage_mean" in m:
         lines.append(f"Block Usage {m['block_usage_mean']:.3f} ± {m['block_usage_std']:.3f} "
                      f"(out of {m['num_blocks']}; fraction {m['block_usage_fraction']:.3f})")
-    lines += [f"FLOPs/img {m['flops_mean']:.2E} ± {m['flops_std']:.2E} (dense backbone {m['dense_flops']:.2E})",
+    lines += [f"FLOPs/img {m['flops_mean']:.2E} ± {m['flops_std']:.2E} "
+              f"(dense backbone {m['dense_flops']:.2E})",
               f"theoretical speedup {m['theoretical_speedup']:.3f}x",
               f"unique policies {m['unique_policies']}",
               f"executed fraction of blocks {m['executed_fraction']:.4f}",

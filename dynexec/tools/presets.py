@@ -22,9 +22,9 @@ from typing import Optional
 import torch
 
 from .. import models
-from .calibrate import calibrate, randomize_batchnorm
 from ..models.checkpoints import load_checkpoint
 from ..models.common import RoutedModel
+from .calibrate import calibrate, randomize_batchnorm
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CHECKPOINT_DIR = os.environ.get("DYNEXEC_CHECKPOINTS", os.path.join(REPO_ROOT, "checkpoints"))
@@ -45,11 +45,13 @@ class Preset:
 
 CALIBRATED = {
     "skipnet110": Preset("skipnet110", "cifar10_rnn_gate_rl_110", 0.49526,
-                         description="SkipNet-110 (recurrent gate), routing calibrated to HRL's 49.5 % of blocks"),
+                         description="SkipNet-110 (recurrent gate), routing calibrated to HRL's "
+                                     "49.5 % of blocks"),
     "blockdrop110": Preset("blockdrop110", "R110_C10", 16.933 / 54,
                            description="BlockDrop R110, routing calibrated to 16.9 of 54 blocks"),
     "skipnet101": Preset("skipnet101", "imagenet_rnn_gate_rl_101", 0.70058,
-                         description="ImageNet SkipNet-101 (recurrent gate), calibrated to HRL's 70.1 % of blocks"),
+                         description="ImageNet SkipNet-101 (recurrent gate), calibrated to HRL's "
+                                     "70.1 % of blocks"),
     "blockdrop101": Preset("blockdrop101", "R101_ImgNet", 24.770 / 33,
                            description="BlockDrop R101, calibrated to 24.8 of 33 blocks"),
 }

@@ -50,11 +50,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ..models import checkpoints as ckpt_mod
-from . import data as data_mod
 from ..models import build
+from ..models import checkpoints as ckpt_mod
 from ..models.blockdrop import BlockDrop, FlatResNet
 from ..models.skipnet import PlainResNet, SkipNet
+from . import data as data_mod
 
 STAGES = ("base", "sp", "hrl", "curriculum", "finetune")
 
@@ -547,7 +547,8 @@ class BlockDropStage(Stage):
                                            with_backbone=with_backbone)
         if tag == "latest":  # also the official file-name pattern, once per epoch
             name = (f"ckpt_E_{epoch}_A_{acc:.3f}_R_{reward:.2E}_S_"
-                    f"{metrics.get('block_usage', float('nan')):.2f}_#_{metrics.get('unique_policies', 0)}.t7")
+                    f"{metrics.get('block_usage', float('nan')):.2f}_#_"
+                    f"{metrics.get('unique_policies', 0)}.t7")
             ckpt_mod.save_blockdrop_checkpoint(self.model, os.path.join(run_dir, name), epoch=epoch,
                                                reward=reward, acc=acc, with_backbone=with_backbone)
         return path
