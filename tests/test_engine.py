@@ -6,6 +6,7 @@ import torch
 
 import dynexec
 from dynexec.runtime.ops import backend_status
+
 from conftest import FAMILIES, input_size, make_model, rel_err
 
 BACKENDS = [name for name, (ok, _) in backend_status("cpu").items() if ok]
@@ -141,6 +142,10 @@ def test_compile_errors():
         engine(x, routing=torch.ones(2, 8))
 
 
+needs_onednn = pytest.mark.skipif(not dynexec.runtime.program.onednn_direct_available(),
+                                  reason="dynexec._C built without oneDNN")
+needs_winograd = pytest.mark.skipif(not dynexec.runtime.program.winograd_available(),
+                                    reason="no Winograd kernel on this CPU / build")
 CONV_IMPLS = [c for c, ok in (("winograd", dynexec.runtime.program.winograd_available()),
                                 ("onednn", dynexec.runtime.program.onednn_direct_available()),
                                 ("mkldnn", dynexec.runtime.program.onednn_packing_available())) if ok]
@@ -213,7 +218,7 @@ def test_pooled_block_matches_block_then_mean(backend, rows):
         assert torch.allclose(pooled, expected.mean(dim=(2, 3)), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.skipif(not dynexec.runtime.program.onednn_direct_available(), reason="dynexec._C built without oneDNN")
+@needs_onednn
 @pytest.mark.parametrize("family", ["skipnet-cifar-rnn", "skipnet-cifar-rnn-rl", "skipnet-imagenet-basic",
                                     "skipnet-imagenet-bottleneck", "skipnet-cifar-ffgate1"])
 @pytest.mark.parametrize("convolutions", [c for c in ("onednn", "winograd") if c in CONV_IMPLS])
@@ -245,7 +250,7 @@ def test_native_recurrent_loop_equals_the_python_loop(family, convolutions):
     assert a[1].isnan().all() and not a[0].isnan().any()
 
 
-@pytest.mark.skipif(not dynexec.runtime.program.onednn_direct_available(), reason="dynexec._C built without oneDNN")
+@needs_onednn
 @pytest.mark.parametrize("family", ["blockdrop-cifar", "blockdrop-imagenet", "resnet-imagenet",
                                     "resnet-cifar", "skipnet-cifar-rnn"])
 def test_native_planned_loop_equals_the_python_loop(family):
@@ -277,7 +282,7 @@ def test_native_planned_loop_equals_the_python_loop(family):
         engine.program.cpu_loop.loop.forward(torch.zeros(2, 3, 8, 8), torch.ones(2, 1))
 
 
-@pytest.mark.skipif(not dynexec.runtime.program.onednn_direct_available(), reason="dynexec._C built without oneDNN")
+@needs_onednn
 @pytest.mark.parametrize("family", ["skipnet-cifar-rnn", "blockdrop-cifar", "skipnet-imagenet-bottleneck"])
 def test_batch_shards_give_the_same_results(family):
     """The C++ loop split into batch shards (each running the whole network on its rows,
@@ -307,14 +312,15 @@ def test_batch_shards_give_the_same_results(family):
                 for shards, engine in engines.items():
                     b, rb = engine(x, return_routing=True, routing=routing)
                     assert torch.equal(ra, rb), (shards, n)
-                    assert torch.equal(a.isnan(), b.isnan()) and torch.equal(a.nan_to_num(), b.nan_to_num()), (shards, n)
+                    assert torch.equal(a.isnan(), b.isnan()), (shards, n)
+                    assert torch.equal(a.nan_to_num(), b.nan_to_num()), (shards, n)
                 if n == 5:
                     assert a[3].isnan().all() and not a[0].isnan().any()
     finally:
         torch.set_num_threads(threads)
 
 
-@pytest.mark.skipif(not dynexec.runtime.program.winograd_available(), reason="no Winograd kernel on this CPU / build")
+@needs_winograd
 @pytest.mark.parametrize("family", ["skipnet-cifar-rnn", "blockdrop-cifar"])
 def test_work_sharing_between_shards_gives_the_same_results(family):
     """A shard's thread that has run out of shards runs chunks of the other threads'
@@ -347,7 +353,7 @@ def test_work_sharing_between_shards_gives_the_same_results(family):
         torch.set_num_threads(threads)
 
 
-@pytest.mark.skipif(not dynexec.runtime.program.onednn_direct_available(), reason="dynexec._C built without oneDNN")
+@needs_onednn
 def test_no_convolution_falls_back_to_onednns_reference_code():
     """Every sub-batch size gets one of oneDNN's JIT kernels, never its reference code
     ("ref:..."; 50-100x slower). oneDNN's preferred weight layout can depend on the batch
@@ -373,7 +379,7 @@ def test_batch_shards_must_be_auto_or_a_positive_int(bad):
         dynexec.compile(model, batch_shards=bad)
 
 
-@pytest.mark.skipif(not dynexec.runtime.program.onednn_direct_available(), reason="dynexec._C built without oneDNN")
+@needs_onednn
 def test_block_loop_rejects_negative_shards():
     loop = torch.classes.dynexec.BlockLoop()
     with pytest.raises(RuntimeError, match="expected shards >= 0"):
@@ -384,7 +390,7 @@ def test_block_loop_rejects_negative_shards():
     assert [loop.shards_for(n) for n in (0, 1, 3, 5, 200)] == [1, 1, 3, 5, 5]
 
 
-@pytest.mark.skipif(not dynexec.runtime.program.onednn_direct_available(), reason="dynexec._C built without oneDNN")
+@needs_onednn
 @pytest.mark.parametrize("family", ["skipnet-cifar-rnn", "blockdrop-cifar"])
 def test_warmup_creates_every_primitive_a_routed_call_needs(family):
     """After engine.warmup(B), calls with any batch <= B and any routing (the router's own or

@@ -38,12 +38,12 @@ from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 pytest.importorskip("triton")
 
 import dynexec  # noqa: E402
-from dynexec.runtime.executors import gpu_graph as ge  # noqa: E402
-from dynexec.tools.calibrate import calibrate, randomize_batchnorm  # noqa: E402
 from dynexec.kernels import indexed_conv as ic  # noqa: E402
 from dynexec.kernels import regroup as rg  # noqa: E402
 from dynexec.models.blockdrop import BlockDrop  # noqa: E402
 from dynexec.models.skipnet import Bottleneck, SkipNet  # noqa: E402
+from dynexec.runtime.executors import gpu_graph as ge  # noqa: E402
+from dynexec.tools.calibrate import calibrate, randomize_batchnorm  # noqa: E402
 
 if os.environ.get("TRITON_INTERPRET") != "1":  # no GPU here: the interpreter is the only way
     os.environ["TRITON_INTERPRET"] = "1"

@@ -208,7 +208,8 @@ def test_bad_arguments_name_what_was_expected():
     with pytest.raises(RuntimeError, match="float32 CPU input"):
         chain.forward(torch.randn(2, 16, 8, 8, dtype=torch.float64))
     with pytest.raises(RuntimeError, match="smaller than the kernel"):
-        OneDnnChain([torch.randn(4, 4, 5, 5)], [torch.randn(4)], [1], [0], False).forward(torch.randn(1, 4, 3, 3))
+        too_small = OneDnnChain([torch.randn(4, 4, 5, 5)], [torch.randn(4)], [1], [0], False)
+        too_small.forward(torch.randn(1, 4, 3, 3))
     x = _x(2, 16, 8)
     with pytest.raises(RuntimeError, match=r"residual of shape \[2, 16, 8, 8\]"):
         chain.add_(x, torch.zeros(2, 16, 4, 4))

@@ -19,8 +19,16 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .common import (BlockView, ConvBN, HeadView, RecurrentGateView, RoutedModel, StemView, conv3x3,
-                     official_init_)
+from .common import (
+    BlockView,
+    ConvBN,
+    HeadView,
+    RecurrentGateView,
+    RoutedModel,
+    StemView,
+    conv3x3,
+    official_init_,
+)
 
 
 # --------------------------------------------------------------------------------------
@@ -459,19 +467,21 @@ def skipnet_constructors() -> dict[str, callable]:
     for classes in (10, 100):
         pre = f"cifar{classes}"
         for depth in (38, 74, 110, 152):
-            table[f"{pre}_resnet_{depth}"] = _cifar_factory("plain", depth, classes, "sp", "", f"{pre}_resnet_{depth}")
-            table[f"{pre}_rnn_gate_{depth}"] = _cifar_factory("gated", depth, classes, "sp", "rnn", f"{pre}_rnn_gate_{depth}")
+            for name, kind, gate in ((f"{pre}_resnet_{depth}", "plain", ""),
+                                     (f"{pre}_rnn_gate_{depth}", "gated", "rnn")):
+                table[name] = _cifar_factory(kind, depth, classes, "sp", gate, name)
         for depth in (38, 74, 110):
-            table[f"{pre}_feedforward_{depth}"] = _cifar_factory("gated", depth, classes, "sp", _ff_gate(depth), f"{pre}_feedforward_{depth}")
-            table[f"{pre}_feedforward_rl_{depth}"] = _cifar_factory("gated", depth, classes, "rl", _ff_gate(depth), f"{pre}_feedforward_rl_{depth}")
-            table[f"{pre}_rnn_gate_rl_{depth}"] = _cifar_factory("gated", depth, classes, "rl", "rnn", f"{pre}_rnn_gate_rl_{depth}")
+            for name, variant, gate in ((f"{pre}_feedforward_{depth}", "sp", _ff_gate(depth)),
+                                        (f"{pre}_feedforward_rl_{depth}", "rl", _ff_gate(depth)),
+                                        (f"{pre}_rnn_gate_rl_{depth}", "rl", "rnn")):
+                table[name] = _cifar_factory("gated", depth, classes, variant, gate, name)
     # The official misspelled names (the correctly spelled ones above are conveniences).
     table["cifar100_feeforward_38"] = table["cifar100_feedforward_38"]
     table["cifar10_feedfoward_rl_38"] = table["cifar10_feedforward_rl_38"]
     table["cifar100_feedford_rl_38"] = table["cifar100_feedforward_rl_38"]
     for depth in (18, 34, 50, 101, 152):
-        table[f"imagenet_rnn_gate_{depth}"] = _imagenet_factory("gated", depth, "sp", f"imagenet_rnn_gate_{depth}")
-        table[f"imagenet_rnn_gate_rl_{depth}"] = _imagenet_factory("gated", depth, "rl", f"imagenet_rnn_gate_rl_{depth}")
+        for name, variant in ((f"imagenet_rnn_gate_{depth}", "sp"), (f"imagenet_rnn_gate_rl_{depth}", "rl")):
+            table[name] = _imagenet_factory("gated", depth, variant, name)
     for depth in (18, 34, 50, 74, 101, 152):
         table[f"resnet{depth}"] = _imagenet_factory("plain", depth, "sp", f"resnet{depth}")
     return table

@@ -32,7 +32,7 @@ import torch
 
 from ..models.common import BlockView, RoutedModel
 from .blocks import FusedProgramBlock, ProgramBlock
-from .folding import FoldedChain, FoldedHead, FoldedStem, fold_layers
+from .folding import FoldedHead, FoldedStem, fold_layers
 from .ops import Backend, get_backend
 from .routers import ModuleGates, RecurrentGates, lower_gates
 

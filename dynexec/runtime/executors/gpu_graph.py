@@ -79,9 +79,8 @@ from torch import nn
 
 from ...models.common import RoutedModel
 from ..folding import fold_batchnorm
-from ..routers import ModuleGates
 
-__all__ = ["GraphExecutor", "lower_for_graph", "graph_backend_status"]
+__all__ = ["GraphExecutor", "pack_blocks", "graph_backend_status"]
 
 CL = torch.channels_last
 _NEEDS_DEVICE = "triton-graph needs a CUDA device (or TRITON_INTERPRET=1 for tests)"
