@@ -1,49 +1,30 @@
 """Shared test helpers: small models of every family with random weights, randomised
-BatchNorm statistics and router biases set so that routing is mixed."""
+BatchNorm statistics and router biases set so that routing is mixed; the per-run random
+seed (fixture ``rng``); the ``cuda`` marker's skip on machines without a CUDA device.
+
+TRITON_INTERPRET is set here, and only here, for the whole test process: without a GPU,
+Triton kernels run on CPU tensors under the interpreter, which Triton reads when a kernel
+is decorated, so it is set before anything imports them (pytest imports this file before
+any test module). Every test module then sees the same mode, and ``dynexec.kernels`` is
+imported as installed (the editable install maps it to the top-level kernels/ folder).
+"""
 from __future__ import annotations
 
 import copy
 import functools
-import importlib.util
 import os
-import sys
-from pathlib import Path
+import random
+import zlib
 
-import torch  # noqa: E402  (importing torch does not import any Triton kernel)
+import torch  # (importing torch does not import any Triton kernel)
 
-# Without a GPU, Triton kernels run on CPU tensors under the interpreter, which Triton reads
-# when a kernel is decorated, so set it before anything imports them. Every test module
-# then sees the same mode and the engine tests include the 'triton' backend.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import pytest
-import torch
+import pytest  # noqa: E402
 
-import dynexec
-from dynexec.tools.calibrate import calibrate, randomize_batchnorm
-
-
-def _use_this_checkouts_kernels() -> None:
-    """dynexec.kernels is installed from the top-level kernels/ folder (setup.py's
-    package_dir), so with PYTHONPATH=<checkout> Python finds dynexec here but
-    dynexec.kernels wherever dynexec is installed (e.g. an editable install of another
-    checkout). Tests of this checkout must use its own Triton kernels."""
-    root = Path(__file__).resolve().parents[1]
-    kernels = root / "kernels"
-    if Path(dynexec.__file__).resolve().parent != root / "dynexec" or "dynexec.kernels" in sys.modules:
-        return
-    if not (kernels / "__init__.py").is_file():
-        return
-    spec = importlib.util.spec_from_file_location(
-        "dynexec.kernels", kernels / "__init__.py", submodule_search_locations=[str(kernels)])
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["dynexec.kernels"] = module
-    spec.loader.exec_module(module)
-    dynexec.kernels = module
-
-
-_use_this_checkouts_kernels()
+import dynexec  # noqa: E402
+from dynexec.tools.calibrate import calibrate, randomize_batchnorm  # noqa: E402
 
 # One intra-op thread by default: with OpenMP, two threads on a 2-core machine that is
 # busy with anything else slow tiny convolutions down by an order of magnitude. The
@@ -63,7 +44,8 @@ FAMILIES = {
     "blockdrop-cifar": ("R32_C10", {"layers": [3, 2, 3]}),
     "blockdrop-imagenet": ("R101_ImgNet", {"layers": [1, 2, 2, 1]}),
 }
-IMAGENET = {k for k, (name, _) in FAMILIES.items() if "imagenet" in name or name.startswith(("resnet", "R101"))}
+IMAGENET = {k for k, (name, _) in FAMILIES.items()
+            if "imagenet" in name or name.startswith(("resnet", "R101"))}
 
 
 def input_size(family: str) -> int:
@@ -100,3 +82,50 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 @pytest.fixture(params=sorted(FAMILIES))
 def family(request):
     return request.param
+
+
+# ---------------------------------------------------------------------- per-run random data
+# Tests that want fresh random data on every run draw it from the ``rng`` fixture: a
+# torch.Generator seeded from this run's seed and the test's id. The run's seed is drawn
+# anew per run, shown in the header and in every failure report; DYNEXEC_TEST_SEED=<seed>
+# replays a run.
+def _session_seed() -> int:
+    env = os.environ.get("DYNEXEC_TEST_SEED", "").strip()
+    return int(env) if env else random.SystemRandom().randrange(2**31)
+
+
+SEED = _session_seed()
+
+
+def seed_for(nodeid: str) -> int:
+    """The seed of one test in this run (stable for a given DYNEXEC_TEST_SEED)."""
+    return (SEED * 1_000_003 + zlib.crc32(nodeid.encode())) % 2**63
+
+
+@pytest.fixture
+def rng(request) -> torch.Generator:
+    """A CPU torch.Generator seeded for this test and run (see DYNEXEC_TEST_SEED)."""
+    return torch.Generator().manual_seed(seed_for(request.node.nodeid))
+
+
+def pytest_report_header(config):
+    return f"dynexec random data: DYNEXEC_TEST_SEED={SEED} (set it to replay this run)"
+
+
+def pytest_terminal_summary(terminalreporter):
+    terminalreporter.write_line(f"dynexec random data: DYNEXEC_TEST_SEED={SEED}")
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item, call):
+    report = yield
+    if report.failed:
+        report.sections.append(("random seed", f"DYNEXEC_TEST_SEED={SEED} (this test's seed: "
+                                               f"{seed_for(item.nodeid)})"))
+    return report
+
+
+# ---------------------------------------------------------------------- markers
+def pytest_runtest_setup(item):
+    if item.get_closest_marker("cuda") is not None and not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")

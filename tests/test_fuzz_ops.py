@@ -2,20 +2,17 @@
 interpreter, torch reference), and differential fuzzing with arbitrary (often invalid)
 arguments: each backend must raise exactly when the reference raises, and otherwise
 agree with it bit for bit. Complements the per-backend tests in tests/test_native_ops.py
-and tests/test_triton_ops.py (README, "Robustness")."""
-import os
+and tests/test_triton_ops.py (README, "Robustness").
 
-os.environ.setdefault("TRITON_INTERPRET", "1")  # before any Triton kernel is decorated
+The data is CPU tensors: Triton is fuzzed under its interpreter (tests/conftest.py sets
+TRITON_INTERPRET=1 when there is no GPU), and skipped on a machine with a GPU."""
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
-import importlib  # noqa: E402
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
-from hypothesis import HealthCheck, given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
-
-from dynexec.runtime import extension as _native  # noqa: E402
-from dynexec.runtime.ops import reference as ref  # noqa: E402
+from dynexec.runtime.ops import extension as _native
+from dynexec.runtime.ops import reference as ref
 
 ERRORS = (RuntimeError, ValueError, IndexError)
 pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
@@ -27,16 +24,13 @@ def _native_ops():
 
 
 def _triton_ops():
-    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
-        return None
+    """The Triton ops when they run on CPU tensors (under the interpreter), else None."""
     try:
         from dynexec.kernels import ops as tops
         from dynexec.kernels import regroup as rg
     except Exception:  # triton missing
         return None
-    if not torch.cuda.is_available() and not rg.kernels_interpreted():
-        importlib.reload(rg)  # imported before TRITON_INTERPRET=1 was set (see test_triton_ops)
-    return tops if tops.is_available()[0] else None
+    return tops if rg.kernels_interpreted() and tops.is_available()[0] else None
 
 
 IMPLS = {"native": _native_ops(), "triton": _triton_ops(), "torch": ref}
@@ -55,6 +49,8 @@ def _x():
 
 
 OUT_OF_RANGE = r"out of range|\[0, 5\)"
+
+
 def _pool_args(out, y_shape, idx, pooled):
     return out, torch.randn(y_shape), torch.tensor(idx), len(idx), pooled
 
@@ -77,7 +73,8 @@ CASES = {
                           lambda: (_x(), torch.randn(3, 3, 2, 2), torch.tensor([0, 2, 2]), 3),
                           r"duplicate|distinct"),
     "scatter_idx_too_large": ("scatter_residual_relu_",
-                              lambda: (_x(), torch.randn(3, 3, 2, 2), torch.tensor([0, 2, 5]), 3), OUT_OF_RANGE),
+                              lambda: (_x(), torch.randn(3, 3, 2, 2), torch.tensor([0, 2, 5]), 3),
+                              OUT_OF_RANGE),
     "scatter_idx_negative": ("scatter_residual_relu_",
                              lambda: (_x(), torch.randn(2, 3, 2, 2), torch.tensor([-2, 1]), 2), OUT_OF_RANGE),
     "scatter_idx_int32": ("scatter_residual_relu_",
@@ -102,16 +99,20 @@ CASES = {
                         lambda: (torch.zeros(5, 2, dtype=torch.int64), torch.zeros(2, 2, dtype=torch.int64),
                                  torch.tensor([0, 1]), 2), r"floating|dtype"),
     "pool_pooled_shape": ("scatter_residual_relu_pool_",
-                          lambda: _pool_args(_x(), (2, 3, 2, 2), [0, 1], torch.zeros(5, 2)), r"pooled.*shape"),
+                          lambda: _pool_args(_x(), (2, 3, 2, 2), [0, 1], torch.zeros(5, 2)),
+                          r"pooled.*shape"),
     "pool_pooled_dtype": ("scatter_residual_relu_pool_",
-                          lambda: _pool_args(_x(), (2, 3, 2, 2), [0, 1], torch.zeros(5, 3, dtype=torch.float64)),
+                          lambda: _pool_args(_x(), (2, 3, 2, 2), [0, 1],
+                                             torch.zeros(5, 3, dtype=torch.float64)),
                           r"pooled.*dtype"),
     "pool_pooled_strided": ("scatter_residual_relu_pool_",
-                            lambda: _pool_args(_x(), (2, 3, 2, 2), [0, 1], torch.zeros(3, 5).t()), r"contiguous"),
+                            lambda: _pool_args(_x(), (2, 3, 2, 2), [0, 1], torch.zeros(3, 5).t()),
+                            r"contiguous"),
     "pool_out_2d": ("scatter_residual_relu_pool_",
                     lambda: _pool_args(torch.randn(5, 3), (2, 3), [0, 1], torch.zeros(5, 3)), r"4-D"),
     "pool_duplicate": ("scatter_residual_relu_pool_",
-                       lambda: _pool_args(_x(), (3, 3, 2, 2), [0, 2, 2], torch.zeros(5, 3)), r"duplicate|distinct"),
+                       lambda: _pool_args(_x(), (3, 3, 2, 2), [0, 2, 2], torch.zeros(5, 3)),
+                       r"duplicate|distinct"),
     "pool_idx_too_large": ("scatter_residual_relu_pool_",
                            lambda: _pool_args(_x(), (2, 3, 2, 2), [0, 5], torch.zeros(5, 3)), OUT_OF_RANGE),
     "relu_pool_pooled_shape": ("relu_pool_", lambda: (_x(), torch.zeros(5, 2)), r"pooled.*shape"),

@@ -1,36 +1,27 @@
 """Tests for dynexec.kernels.indexed_conv (Triton implicit-GEMM routed convolution).
 
 Runs the Triton kernels on CPU tensors under the Triton interpreter when no GPU is
-present. TRITON_INTERPRET must be set before the @triton.jit functions are created,
-so it is set here before the kernel module is imported; if the module was already
-imported in compiled mode by another test module in this process, it is reloaded.
+present (tests/conftest.py sets TRITON_INTERPRET=1 for the test process before any kernel
+is imported), on CUDA tensors otherwise (those tests carry the ``cuda`` marker then).
 """
+import copy
+import itertools
 import os
+import random
+import zlib
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
 
-import importlib  # noqa: E402
-import itertools  # noqa: E402
-import random  # noqa: E402
-import zlib  # noqa: E402
-import copy  # noqa: E402
+from dynexec.kernels import indexed_conv as ic
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
-import torch.nn as nn  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-
-from dynexec.kernels import indexed_conv as ic  # noqa: E402
-
-if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
-    # No GPU: the interpreter is the only way to run the kernels.
-    os.environ["TRITON_INTERPRET"] = "1"
-if ic.HAS_TRITON and ic.INTERPRET != (os.environ.get("TRITON_INTERPRET") == "1"):
-    ic = importlib.reload(ic)
-
-pytestmark = pytest.mark.skipif(not ic.HAS_TRITON, reason="triton not installed")
+pytestmark = [pytest.mark.skipif(not ic.HAS_TRITON, reason="triton not installed")]
 
 DEVICE = "cpu" if ic.INTERPRET else "cuda"
+if DEVICE == "cuda" and ic.HAS_TRITON:
+    pytestmark.append(pytest.mark.cuda)
 
 try:  # the project's reference partition defines the idx/count contract
     from dynexec.runtime.ops.reference import partition
@@ -356,7 +347,8 @@ def test_basic_block_projection_shortcut(count):
     x = _nhwc(torch.randn(n_total, cin, h, h, generator=gen)).to(DEVICE)
     idx, cnt = _routing(n_total, count, gen)
     common = dict(stride=2, idx=idx, count=cnt, gather=True)
-    sc = ic.indexed_conv2d(x, ic.pack_weight(ws_).to(DEVICE), bs_.to(DEVICE), kernel_size=1, relu=False, **common)
+    sc = ic.indexed_conv2d(x, ic.pack_weight(ws_).to(DEVICE), bs_.to(DEVICE), kernel_size=1, relu=False,
+                           **common)
     t = ic.indexed_conv2d(x, ic.pack_weight(w1).to(DEVICE), b1.to(DEVICE), kernel_size=3, relu=True, **common)
     y = _nhwc(torch.full((n_total, cout, h // 2, h // 2), 5.0, device=DEVICE))
     ic.indexed_conv2d(t, ic.pack_weight(w2).to(DEVICE), b2.to(DEVICE), kernel_size=3, stride=1, idx=idx,
@@ -375,7 +367,8 @@ def test_basic_block_projection_shortcut(count):
 # randomised: shapes, tiles, routing, modes (fp32, IEEE)
 # ----------------------------------------------------------------------------------
 try:
-    from hypothesis import given, settings, strategies as st
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
 except ImportError:  # pragma: no cover
     given = None
 
@@ -502,7 +495,8 @@ def test_kernel_compiles_to_ptx_for_sm80(tmp_path):
     script.write_text(_COMPILE_SCRIPT)
     proc = subprocess.run([sys.executable, str(script), "80"], env=env, capture_output=True, text=True,
                           timeout=600)
-    if proc.returncode != 0 and ("ptxas" in proc.stderr.lower() or "No module named 'triton.backends" in proc.stderr):
+    no_backend = "ptxas" in proc.stderr.lower() or "No module named 'triton.backends" in proc.stderr
+    if proc.returncode != 0 and no_backend:
         pytest.skip("CUDA backend toolchain unavailable: " + proc.stderr[-300:])
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.strip().endswith("MMA") and "NO-MMA" not in proc.stdout

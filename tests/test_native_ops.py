@@ -2,7 +2,9 @@
 
 Every op is compared BITWISE with dynexec.runtime.ops.reference on fresh random data (plus
 -0.0 / NaN / Inf where it matters), across dtypes, NCHW / channels_last / non-contiguous
-layouts, odd sizes and edge counts. Error cases must raise RuntimeError with a message
+layouts, odd sizes and edge counts. The data comes from the ``rng`` fixture
+(tests/conftest.py): drawn anew on every run, its seed shown in the header and in failure
+reports (DYNEXEC_TEST_SEED replays a run). Error cases must raise RuntimeError with a message
 naming what was expected and what was given. torch.library.opcheck checks the schemas
 and fake kernels; hypothesis checks properties over random index lists and shapes.
 
@@ -16,7 +18,7 @@ import torch.nn.functional as F
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from dynexec.runtime import extension as _native
+from dynexec.runtime.ops import extension as _native
 from dynexec.runtime.ops import reference as ref
 
 _C, _REASON = _native.load()
@@ -111,8 +113,8 @@ def cases():
 @pytest.mark.parametrize("n", [0, 1, 2, 3, 7, 64, 1001])
 @pytest.mark.parametrize("p", [0.0, 0.1, 0.5, 0.9, 1.0])
 @pytest.mark.parametrize("mask_dtype", [torch.bool, torch.uint8])
-def test_partition_matches_reference(n, p, mask_dtype):
-    gen = torch.Generator().manual_seed(n * 10 + int(p * 10))
+def test_partition_matches_reference(n, p, mask_dtype, rng):
+    gen = rng
     mask = torch.rand(n, generator=gen) < p
     if mask_dtype == torch.uint8:
         mask = mask.to(torch.uint8) * torch.randint(1, 255, (n,), generator=gen, dtype=torch.uint8)
@@ -123,8 +125,8 @@ def test_partition_matches_reference(n, p, mask_dtype):
     assert torch.equal(idx, ridx) and int(count) == int(rcount)
 
 
-def test_partition_noncontiguous_mask():
-    mask = (torch.rand(40) < 0.5)[::3]
+def test_partition_noncontiguous_mask(rng):
+    mask = (torch.rand(40, generator=rng) < 0.5)[::3]
     idx, count = ops().partition(mask)
     ridx, rcount = ref.partition(mask)
     assert torch.equal(idx, ridx) and int(count) == int(rcount)
@@ -133,8 +135,8 @@ def test_partition_noncontiguous_mask():
 # ------------------------------------------------------------------------ gather
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape,layout", list(cases()))
-def test_gather_rows_matches_reference(shape, layout, dtype):
-    gen = torch.Generator().manual_seed(hash((shape, layout)) % 2**31)
+def test_gather_rows_matches_reference(shape, layout, dtype, rng):
+    gen = rng
     x = make_x(shape, dtype, layout, gen)
     n = shape[0]
     for count in counts_for(n, gen):
@@ -148,8 +150,8 @@ def test_gather_rows_matches_reference(shape, layout, dtype):
                 assert y.data_ptr() != x.data_ptr()
 
 
-def test_gather_rows_repeated_indices_and_fresh_output():
-    x = torch.randn(4, 3, 2, 2)
+def test_gather_rows_repeated_indices_and_fresh_output(rng):
+    x = torch.randn(4, 3, 2, 2, generator=rng)
     idx = torch.tensor([2, 2, 0, 2])
     y = ops().gather_rows(x, idx, 4)
     assert_bitwise_equal(y, ref.gather_rows(x, idx, 4))
@@ -158,20 +160,20 @@ def test_gather_rows_repeated_indices_and_fresh_output():
 
 
 @pytest.mark.parametrize("count", [1, 3, 64])
-def test_gather_rows_large_rows(count):
-    x = torch.randn(64, 2048, 7, 7).contiguous(memory_format=torch.channels_last)
-    idx = make_idx(64, count, 2)
+def test_gather_rows_large_rows(count, rng):
+    x = torch.randn(64, 2048, 7, 7, generator=rng).contiguous(memory_format=torch.channels_last)
+    idx = make_idx(64, count, 2, rng)
     assert_bitwise_equal(ops().gather_rows(x, idx, count), ref.gather_rows(x, idx, count))
-    x = torch.randn(128, 16, 32, 32)
-    idx = make_idx(128, count)
+    x = torch.randn(128, 16, 32, 32, generator=rng)
+    idx = make_idx(128, count, gen=rng)
     assert_bitwise_equal(ops().gather_rows(x, idx, count), ref.gather_rows(x, idx, count))
 
 
-def test_gather_rows_any_dtype():
+def test_gather_rows_any_dtype(rng):
     # Rows are moved as bytes: integer and bool tensors work as well.
-    for x in (torch.randint(-9, 9, (6, 5)), torch.rand(6, 3) > 0.5,
-              torch.randint(0, 9, (6, 2, 3), dtype=torch.uint8)):
-        idx = make_idx(6, 4, 1)
+    for x in (torch.randint(-9, 9, (6, 5), generator=rng), torch.rand(6, 3, generator=rng) > 0.5,
+              torch.randint(0, 9, (6, 2, 3), dtype=torch.uint8, generator=rng)):
+        idx = make_idx(6, 4, 1, rng)
         assert torch.equal(ops().gather_rows(x, idx, 4), ref.gather_rows(x, idx, 4))
 
 
@@ -187,8 +189,8 @@ def _check_scatter(out, y, idx, count):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape,layout", list(cases()))
-def test_scatter_residual_relu_matches_reference(shape, layout, dtype):
-    gen = torch.Generator().manual_seed(hash((shape, layout, 1)) % 2**31)
+def test_scatter_residual_relu_matches_reference(shape, layout, dtype, rng):
+    gen = rng
     n = shape[0]
     for count in counts_for(n, gen):
         for y_layout in ("contiguous", layout if layout != "batch_strided" else "slice"):
@@ -200,10 +202,10 @@ def test_scatter_residual_relu_matches_reference(shape, layout, dtype):
             _check_scatter(out, y, idx, count)
 
 
-def test_scatter_residual_relu_y_with_extra_rows():
-    out = torch.randn(6, 4)
-    y = torch.randn(6, 4)  # more rows than count: only y[:count] is used
-    _check_scatter(out, y, make_idx(6, 3, 1), 3)
+def test_scatter_residual_relu_y_with_extra_rows(rng):
+    out = torch.randn(6, 4, generator=rng)
+    y = torch.randn(6, 4, generator=rng)  # more rows than count: only y[:count] is used
+    _check_scatter(out, y, make_idx(6, 3, 1, rng), 3)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -217,32 +219,32 @@ def test_scatter_residual_relu_special_values(dtype):
     _check_scatter(out, y, torch.tensor([3, 0, 8, 5]), 4)
 
 
-def test_scatter_residual_relu_noncontiguous_out_writes_through():
-    base = torch.randn(7, 10, 3, 3)
+def test_scatter_residual_relu_noncontiguous_out_writes_through(rng):
+    base = torch.randn(7, 10, 3, 3, generator=rng)
     expected_base = base.clone()
     out = base[:, ::2]  # rows not dense: must still modify base itself
-    y = torch.randn(4, 5, 3, 3)
-    idx = make_idx(7, 4)
+    y = torch.randn(4, 5, 3, 3, generator=rng)
+    idx = make_idx(7, 4, gen=rng)
     ref.scatter_residual_relu_(expected_base[:, ::2], y, idx, 4)
     ops().scatter_residual_relu_(out, y, idx, 4)
     assert_bitwise_equal(base, expected_base)
 
 
 @pytest.mark.parametrize("count", [1, 2, 64])
-def test_scatter_residual_relu_large_rows(count):
-    out = torch.randn(64, 2048, 7, 7).contiguous(memory_format=torch.channels_last)
-    _check_scatter(out, torch.randn(count, 2048, 7, 7), make_idx(64, count, 1), count)
-    out = torch.randn(128, 64, 8, 8)
-    _check_scatter(out, torch.randn(count, 64, 8, 8), make_idx(128, count), count)
+def test_scatter_residual_relu_large_rows(count, rng):
+    out = torch.randn(64, 2048, 7, 7, generator=rng).contiguous(memory_format=torch.channels_last)
+    _check_scatter(out, torch.randn(count, 2048, 7, 7, generator=rng), make_idx(64, count, 1, rng), count)
+    out = torch.randn(128, 64, 8, 8, generator=rng)
+    _check_scatter(out, torch.randn(count, 64, 8, 8, generator=rng), make_idx(128, count, gen=rng), count)
 
 
 # ------------------------------------------------------------------------ downsample_b
-def test_avg_pool_sum_order_is_bitwise_avg_pool2d():
+def test_avg_pool_sum_order_is_bitwise_avg_pool2d(rng):
     """The kernels' 2x2 average, (((0 + tl) + tr) + bl) + br) * 0.25 in the accumulate type,
     is bitwise equal to F.avg_pool2d on CPU for float32 and float64 (including -0.0 windows,
     which is why the sum starts from +0)."""
     for dtype in (torch.float32, torch.float64):
-        x = torch.randn(4, 8, 10, 12, dtype=dtype) * torch.logspace(-30, 30, 12, dtype=dtype)
+        x = torch.randn(4, 8, 10, 12, dtype=dtype, generator=rng) * torch.logspace(-30, 30, 12, dtype=dtype)
         x[0, 0, :2, :2] = -0.0
         for xx in (x, x.contiguous(memory_format=torch.channels_last)):
             tl, tr = xx[:, :, 0::2, 0::2], xx[:, :, 0::2, 1::2]
@@ -256,9 +258,8 @@ def test_avg_pool_sum_order_is_bitwise_avg_pool2d():
 @pytest.mark.parametrize("shape", [(1, 1, 2, 2), (3, 3, 5, 7), (7, 5, 9, 4), (2, 16, 32, 32),
                                    (4, 32, 16, 16), (3, 2, 3, 3), (2, 7, 2, 9)])
 @pytest.mark.parametrize("ratio", [1, 2, 3])
-def test_downsample_b_matches_reference(shape, layout, dtype, ratio):
-    gen = torch.Generator().manual_seed(hash((shape, layout, ratio)) % 2**31)
-    x = make_x(shape, dtype, layout, gen)
+def test_downsample_b_matches_reference(shape, layout, dtype, ratio, rng):
+    x = make_x(shape, dtype, layout, rng)
     z = ops().downsample_b(x, shape[1] * ratio)
     r = ref.downsample_b(x, shape[1] * ratio)
     assert_bitwise_equal(z, r)
@@ -267,8 +268,8 @@ def test_downsample_b_matches_reference(shape, layout, dtype, ratio):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("channels_last", [False, True])
-def test_downsample_b_special_values(dtype, channels_last):
-    x = torch.randn(2, 3, 4, 6, dtype=torch.float64)
+def test_downsample_b_special_values(dtype, channels_last, rng):
+    x = torch.randn(2, 3, 4, 6, dtype=torch.float64, generator=rng)
     x[0, 0, :2, :2] = -0.0
     x[0, 1, 0, 0] = float("nan")
     x[1, 2, 1, 1] = float("inf")
@@ -284,6 +285,7 @@ def test_downsample_b_empty_batch():
     x = torch.randn(0, 4, 8, 8)
     z = ops().downsample_b(x, 8)
     assert z.shape == (0, 8, 4, 4)
+    assert_bitwise_equal(z, ref.downsample_b(x, 8))
 
 
 # ------------------------------------------------------------------------ errors
@@ -360,33 +362,82 @@ def test_loader_rejects_cuda_version_mismatch(monkeypatch):
     _native._check_cuda_version()
 
 
-def test_loader_reports_cpu_build():
-    assert _native.extension_cuda_version() == (0 if torch.version.cuda is None else
-                                                _native.extension_cuda_version())
+def test_loader_reports_the_cuda_version_it_was_built_with():
+    """0 for a CPU-only build (the only kind a torch without CUDA can load); otherwise the
+    CUDA_VERSION the extension was compiled against, which load() has accepted, so it is
+    torch.version.cuda's major.minor (parsed here independently of the loader)."""
     module, reason = _native.load()
     assert module is not None and reason is None
+    built = _native.extension_cuda_version()
+    if torch.version.cuda is None:
+        assert built == 0
+    elif built != 0:
+        major, minor = (int(p) for p in torch.version.cuda.split(".")[:2])
+        assert (built // 1000, built % 1000 // 10) == (major, minor), (built, torch.version.cuda)
 
 
 # ------------------------------------------------------------------------ opcheck
-def _opcheck_samples():
-    x4 = torch.randn(5, 3, 4, 6)
-    cl = x4.contiguous(memory_format=torch.channels_last)
-    idx = torch.tensor([4, 1, 3, 0, 2, 7])
-    yield "partition", (torch.tensor([True, False, True, True, False]),)
-    yield "partition", (torch.zeros(0, dtype=torch.bool),)
-    yield "gather_rows", (x4, idx, 3)
-    yield "gather_rows", (cl, idx, 5)
-    yield "gather_rows", (torch.randn(5, 7), idx, 0)
-    yield "scatter_residual_relu_", (x4.clone(), torch.randn(3, 3, 4, 6), idx, 3)
-    yield "scatter_residual_relu_", (cl.clone(), torch.randn(5, 3, 4, 6), idx, 5)
-    yield "downsample_b", (x4, 6)
-    yield "downsample_b", (cl, 3)
+def _mask_case(n, kind):
+    """partition's mask of n entries: none, all, a single or a random set of rows set, or
+    a non-contiguous view."""
+    def build(g):
+        if kind == "strided":
+            return ((torch.rand(2 * n, generator=g) < 0.5)[::2],)
+        mask = {"none": torch.zeros(n, dtype=torch.bool), "all": torch.ones(n, dtype=torch.bool),
+                "random": torch.rand(n, generator=g) < 0.5}.get(kind)
+        if kind == "single":
+            mask = torch.zeros(n, dtype=torch.bool)
+            mask[int(torch.randint(0, n, (1,), generator=g))] = True
+        return (mask,)
+    return "partition", build
 
 
-@pytest.mark.parametrize("i", range(9))
-def test_opcheck(i):
-    name, args = list(_opcheck_samples())[i]
-    torch.library.opcheck(getattr(ops(), name).default, args)
+def _rows_case(op, shape, count, layout, dtype=torch.float32):
+    """gather_rows / scatter_residual_relu_ arguments: `count` of the rows of an x / out of
+    `shape` in `layout`, two garbage entries after idx[:count] (ignored)."""
+    def build(g):
+        x = make_x(shape, dtype, layout, g)
+        idx = make_idx(shape[0], count, 2, g)
+        if op == "gather_rows":
+            return x, idx, count
+        return x, make_x((count, *shape[1:]), dtype, "contiguous", g), idx, count
+    return op, build
+
+
+def _downsample_case(shape, ratio, layout, dtype=torch.float32):
+    return "downsample_b", lambda g: (make_x(shape, dtype, layout, g), shape[1] * ratio)
+
+
+# name -> (op, builder(generator) -> args)
+OPCHECK_CASES = {
+    "partition-random": _mask_case(9, "random"),
+    "partition-none": _mask_case(5, "none"),
+    "partition-all": _mask_case(5, "all"),
+    "partition-single": _mask_case(7, "single"),
+    "partition-empty": _mask_case(0, "none"),
+    "partition-noncontiguous": _mask_case(11, "strided"),
+    "gather-some-contiguous": _rows_case("gather_rows", (5, 3, 4, 6), 3, "contiguous"),
+    "gather-all-channels_last": _rows_case("gather_rows", (5, 3, 4, 6), 5, "channels_last"),
+    "gather-none-2d": _rows_case("gather_rows", (5, 7), 0, "contiguous"),
+    "gather-single-odd-sizes": _rows_case("gather_rows", (7, 3, 5, 3), 1, "contiguous"),
+    "gather-noncontiguous-float64": _rows_case("gather_rows", (6, 4, 3, 3), 4, "slice", torch.float64),
+    "scatter-some-contiguous": _rows_case("scatter_residual_relu_", (5, 3, 4, 6), 3, "contiguous"),
+    "scatter-all-channels_last": _rows_case("scatter_residual_relu_", (5, 3, 4, 6), 5, "channels_last"),
+    "scatter-none": _rows_case("scatter_residual_relu_", (5, 3, 4, 6), 0, "contiguous"),
+    "scatter-single-odd-sizes": _rows_case("scatter_residual_relu_", (7, 3, 5, 3), 1, "contiguous"),
+    "scatter-noncontiguous-2d": _rows_case("scatter_residual_relu_", (6, 9), 4, "slice"),
+    "downsample-contiguous": _downsample_case((5, 3, 4, 6), 2, "contiguous"),
+    "downsample-channels_last": _downsample_case((5, 3, 4, 6), 1, "channels_last"),
+    "downsample-odd-sizes": _downsample_case((3, 3, 5, 7), 3, "contiguous"),
+    "downsample-noncontiguous-float64": _downsample_case((2, 2, 6, 4), 2, "slice", torch.float64),
+    "downsample-empty": _downsample_case((0, 4, 4, 4), 2, "contiguous"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(OPCHECK_CASES))
+def test_opcheck(case, rng):
+    name, build = OPCHECK_CASES[case]
+    torch.library.opcheck(getattr(ops(), name).default, build(rng))
 
 
 # ------------------------------------------------------------------------ hypothesis

@@ -1,47 +1,37 @@
 """Tests for the Triton regrouping kernels (dynexec.kernels.regroup / dynexec.kernels.ops).
 
-Without a GPU the kernels run on CPU tensors under the Triton interpreter. Triton decides
-at ``@triton.jit`` decoration time whether a kernel is interpreted, so TRITON_INTERPRET=1
-is set here *before* ``dynexec.kernels.regroup`` is imported. If another test module of
-the same pytest process already imported it in compiled mode, the module is reloaded
-(the registered torch ops look the launchers up at call time, so they follow the reload;
-test_reload_after_compiled_import checks that path in a fresh interpreter).
+Without a GPU the kernels run on CPU tensors under the Triton interpreter (tests/conftest.py
+sets TRITON_INTERPRET=1 for the test process before any kernel is imported); with one they
+are compiled and run on CUDA tensors (those tests carry the ``cuda`` marker then).
+test_reload_after_compiled_import checks, in a fresh interpreter, that the registered ops
+follow a reload of the kernels after the variable is set late.
 
 Every op is compared bit-for-bit with the pure-PyTorch reference (dynexec.runtime.ops.reference).
 """
 import os
+import subprocess
+import sys
+import textwrap
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
-import importlib  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-import textwrap  # noqa: E402
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
-
-from dynexec.runtime.ops import reference as ref  # noqa: E402
+from dynexec.runtime.ops import reference as ref
 
 triton = pytest.importorskip("triton")
 
-if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
-    os.environ["TRITON_INTERPRET"] = "1"  # no GPU: the interpreter is the only way
-
 from dynexec.kernels import ops as tops  # noqa: E402
 from dynexec.kernels import regroup as rg  # noqa: E402
-
-if rg.kernels_interpreted() != (os.environ.get("TRITON_INTERPRET") == "1"):
-    rg = importlib.reload(rg)
-
-from hypothesis import HealthCheck, given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
 
 DEVICE = "cpu" if rg.kernels_interpreted() else "cuda"
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 CL = torch.channels_last
 # NaN/Inf tests make numpy (inside the interpreter) warn about invalid values
-pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+pytestmark = [pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")]
+if DEVICE == "cuda":
+    pytestmark.append(pytest.mark.cuda)
 HYP = settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
 
 
@@ -469,6 +459,7 @@ def test_downsample_b_property(shape, cl, dtype, ratio, seed):
 # ---------------------------------------------------------------------------------------
 # import-order robustness
 # ---------------------------------------------------------------------------------------
+@pytest.mark.slow
 @pytest.mark.skipif(torch.cuda.is_available(), reason="interpreter-only scenario")
 def test_reload_after_compiled_import():
     """triton + the kernels imported WITHOUT TRITON_INTERPRET (compiled mode), then the
@@ -514,6 +505,7 @@ def test_reload_after_compiled_import():
 # ---------------------------------------------------------------------------------------
 # GPU realism without a GPU: compile the kernels to PTX for sm_80
 # ---------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_kernels_compile_to_ptx_for_sm80():
     """Runs the real (non-interpreted) Triton compiler down to PTX for an A100 target in a
     subprocess (no GPU needed), and checks that row copies vectorise to 128-bit accesses
@@ -561,7 +553,8 @@ def test_kernels_compile_to_ptx_for_sm80():
         for dt, cl, i64 in (("fp16", True, False), ("fp32", False, True), ("bf16", False, False)):
             sig = {"x_ptr": "*" + dt, "z_ptr": "*" + dt}
             sig.update({a: "i64" if i64 else "i32" for a in names})
-            sig.update({a: "constexpr" for a in ["BLOCK", "CHANNELS_LAST", "UPCAST", "SOFT_BF16", "INDEX_64"]})
+            flags = ["BLOCK", "CHANNELS_LAST", "UPCAST", "SOFT_BF16", "INDEX_64"]
+            sig.update({a: "constexpr" for a in flags})
             ptx(rg._downsample_b_kernel, sig, {"BLOCK": 1024, "CHANNELS_LAST": cl, "UPCAST": dt != "fp32",
                 "SOFT_BF16": False, "INDEX_64": i64})
         print("OK")
