@@ -9,14 +9,18 @@ baseline) and every selected backend (dynexec.runtime.ops.get_backend: native = 
 extension, triton = dynexec.kernels, torch = dynexec's pure-PyTorch reference, which also
 validates its arguments) run side by side, interleaved, in one run. Each backend's result
 is checked against the baseline's before it is timed. Ratio = baseline / backend (> 1: the
-backend is faster).
+backend is faster). Each op is one entry of the table OPS (its cases, inputs, dynexec call
+and compositions); run_ops is the one loop over it.
 
 Baselines (plain compositions, without the argument checks of dynexec.runtime.ops.reference):
-  partition    nonzero + cat
-  gather_rows  index_select (for channels_last: index_select on the NHWC view, one pass)
-  scatter      index_select + add + relu + index_copy_, and the same with in-place
-               add_/relu_ on the selected rows; the faster of the two is the baseline
-  downsample_b avg_pool2d + cat
+  partition     nonzero + cat
+  gather_rows   index_select (for channels_last: index_select on the NHWC view, one pass)
+  scatter_relu_ index_select + add + relu + index_copy_, and the same with in-place
+                add_/relu_ on the selected rows; the faster of the two is the baseline
+  downsample_b  avg_pool2d + cat
+  relu_pool_    relu_ + mean over (H, W)
+  scatter_pool_ scatter_residual_relu_ (the native op when it is timed) + mean over (H, W)
+  gate_step     addmm + lstm_cell + addmm + sigmoid (SkipNet's recurrent gate step)
 
 Section "fused": the fused indexed implicit-GEMM convolution (dynexec.kernels.indexed_conv)
 vs cuDNN on the same compacted work, NHWC, for ResNet block convs. Roles (together they
@@ -56,13 +60,14 @@ import platform
 import sys
 import time
 from dataclasses import asdict, dataclass
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
 from torch.utils.benchmark import Timer
 
-from dynexec.runtime import extension as _native  # noqa: F401  (importing dynexec registers the native ops)
 from dynexec.runtime.ops import BACKENDS, backend_status, get_backend
+from dynexec.runtime.ops import extension as _native  # noqa: F401  (importing dynexec registers the native ops)
 from dynexec.runtime.ops import reference as ref
 
 CIFAR = [(128, 16, 32, 32), (128, 32, 16, 16), (128, 64, 8, 8)]
@@ -315,15 +320,235 @@ def downsample_composition(x, out_channels):
     return z.contiguous(memory_format=torch.channels_last) if _is_cl(x) else z
 
 
-# ---- section "ops" ----------------------------------------------------------------------
+# ---- section "ops": one table entry per op ----------------------------------------------
+# Each entry names the op's cases, builds their inputs, makes the dynexec call of a backend
+# and the PyTorch composition(s) it is compared with; run_ops is the one loop over them.
+# Every backend's result is checked against the composition's before anything is timed;
+# with several compositions the fastest is the baseline.
+@dataclass(frozen=True)
+class OpBench:
+    op: str  # the "op" column and JSON field
+    # (device, quick) -> [(shape, layout, active fraction or None)]; shape as printed
+    cases: Callable[[torch.device, bool], list[tuple]]
+    # (shape, layout, active, device, generator) -> the inputs (tensors and ints by name)
+    inputs: Callable[..., dict]
+    # (backend ops, inputs) -> (timed closure, closure that runs the op once and returns
+    # what is compared with the baseline); in-place ops work on the backend's own copies
+    dynexec: Callable[[Any, dict], tuple[Callable, Callable]]
+    # (inputs, backend ops by name) -> [(name, closure)]: the PyTorch compositions
+    baselines: Callable[[dict, dict], list[tuple[str, Callable]]]
+    # inputs -> the composition's result
+    expected: Callable[[dict], Any]
+    # (dynexec result, expected, inputs) -> the same?
+    same: Callable[[Any, Any, dict], bool]
+
+
+def _returns(method: str, *names: str):
+    """The dynexec call of an op that returns its result."""
+    def make(ops, inp):
+        f, args = getattr(ops, method), [inp[k] for k in names]
+
+        def run():
+            return f(*args)
+        return run, run
+    return make
+
+
+def _updates(method: str, names: tuple[str, ...], updated: tuple[str, ...]):
+    """The dynexec call of an op that updates `updated` in place, on copies of its own;
+    its result is those tensors after one call."""
+    def make(ops, inp):
+        f = getattr(ops, method)
+        own = {k: inp[k].clone() for k in updated}
+        args = [own.get(k, inp[k]) for k in names]
+
+        def run():
+            return f(*args)
+
+        def result():
+            run()
+            return tuple(own[k] for k in updated)
+        return run, result
+    return make
+
+
+def _mean_close(a, b) -> bool:
+    return torch.allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+def _cl(t: torch.Tensor) -> torch.Tensor:
+    return t.contiguous(memory_format=torch.channels_last)
+
+
+def _randn(shape, layout, device, gen) -> torch.Tensor:
+    t = torch.randn(shape, generator=gen).to(device)
+    return _cl(t) if layout == "cl" else t
+
+
+def _partition_cases(device, quick):
+    return [((n,), "-", frac) for n in ([128] if quick else [64, 128, 256]) for frac in FRACTIONS]
+
+
+def _partition_inputs(shape, layout, frac, device, gen):
+    return dict(mask=(torch.rand(shape[0], generator=gen) < frac).to(device))
+
+
+def _rows_cases(device, quick):
+    return [(shape, layout, frac) for shape, layout in op_shapes(device, quick) for frac in FRACTIONS]
+
+
+def _rows_inputs(shape, layout, frac, device, gen, with_y=False):
+    """x (in `layout`), a random row order idx and count = the active rows; with_y: y, the
+    updates of those rows."""
+    n = shape[0]
+    count = count_for(frac, n)
+    inp = dict(x=_randn(shape, layout, device, gen), idx=torch.randperm(n, generator=gen).to(device),
+               count=count)
+    inp["rows"] = inp["idx"][:count]
+    if with_y:
+        inp["y"] = _randn((count, *shape[1:]), layout, device, gen)
+    return inp
+
+
+def _scatter_inputs(shape, layout, frac, device, gen):
+    inp = _rows_inputs(shape, layout, frac, device, gen, with_y=True)
+    inp["out"] = inp["x"]
+    return inp
+
+
+def _scatter_expected(inp):
+    want = inp["x"].clone()
+    scatter_inplace_composition(want, inp["y"], inp["idx"], inp["count"])
+    return want
+
+
+def _scatter_baselines(inp, impls):
+    out, y, idx, count = inp["x"].clone(), inp["y"], inp["idx"], inp["count"]
+    return [("sel+add+relu+index_copy_", lambda: scatter_outofplace_composition(out, y, idx, count)),
+            ("sel+add_+relu_+index_copy_", lambda: scatter_inplace_composition(out, y, idx, count))]
+
+
+def _downsample_cases(device, quick):
+    # BlockDrop's CIFAR shortcut: channels double at stage boundaries
+    return [(s, "nchw", None) for s in CIFAR[:2]] + [(s, "cl", None) for s in CIFAR[:2]]
+
+
+def _downsample_inputs(shape, layout, frac, device, gen):
+    return dict(x=_randn(shape, layout, device, gen), out_channels=2 * shape[1])
+
+
+def _pool_cases(frac):
+    # SkipNet's recurrent gate: the pooling ops at CIFAR shapes, channels_last
+    return lambda device, quick: [(s, "cl", frac) for s in CIFAR]
+
+
+def _relu_pool_inputs(shape, layout, frac, device, gen):
+    x = _randn(shape, layout, device, gen)
+    return dict(x=x, pooled=x.new_zeros(shape[:2]))
+
+
+def _relu_pool_baselines(inp, impls):
+    x = inp["x"].clone()
+    return [("relu_+mean", lambda: x.relu_().mean(dim=(2, 3)))]
+
+
+def _scatter_pool_inputs(shape, layout, frac, device, gen):
+    inp = _scatter_inputs(shape, layout, frac, device, gen)
+    inp["pooled"] = inp["x"].new_zeros(shape[:2])
+    return inp
+
+
+def _scatter_pool_expected(inp):
+    want = _scatter_expected(inp)
+    return want, want.mean(dim=(2, 3))
+
+
+def _scatter_pool_same(got, want, inp):
+    rows = inp["rows"]
+    return torch.equal(got[0], want[0]) and _mean_close(got[1][rows], want[1][rows])
+
+
+def _scatter_pool_baselines(inp, impls):
+    """The scatter the fused op replaces (the native one when it is timed) plus the mean."""
+    out, y, idx, count = inp["x"].clone(), inp["y"], inp["idx"], inp["count"]
+    scatter = impls.get("native", next(iter(impls.values()))).scatter_residual_relu_
+    return [("scatter_relu_+mean", lambda: (scatter(out, y, idx, count), out.mean(dim=(2, 3))))]
+
+
+GATE_HIDDEN, GATE_EMBED = 10, 10  # SkipNet's recurrent gate
+GATE_ARGS = ("pooled", "embed_w", "embed_b", "w_ih", "w_hh", "b_ih", "b_hh", "proj_w", "proj_b", "hx", "cx")
+
+
+def _gate_inputs(shape, layout, frac, device, gen):
+    (n, c), h, e = shape, GATE_HIDDEN, GATE_EMBED
+    shapes = [(n, c), (c, e), (e,), (4 * h, e), (4 * h, h), (4 * h,), (4 * h,), (h, 1), (1,), (n, h), (n, h)]
+    return {k: torch.randn(s, generator=gen).to(device) for k, s in zip(GATE_ARGS, shapes)}
+
+
+def gate_composition(pooled, embed_w, embed_b, w_ih, w_hh, b_ih, b_hh, proj_w, proj_b, hx, cx):
+    """SkipNet's gate step as ATen ops: addmm, lstm_cell, addmm, sigmoid."""
+    e = torch.addmm(embed_b, pooled, embed_w)
+    hx, cx = torch.lstm_cell(e, (hx, cx), w_ih, w_hh, b_ih, b_hh)
+    return torch.sigmoid(torch.addmm(proj_b, hx, proj_w)).reshape(-1), hx, cx
+
+
+def _gate_args(inp):
+    return [inp[k] for k in GATE_ARGS]
+
+
+OPS = [
+    OpBench("partition", _partition_cases, _partition_inputs, _returns("partition", "mask"),
+            lambda inp, impls: [("nonzero+cat", lambda: partition_composition(inp["mask"]))],
+            lambda inp: partition_composition(inp["mask"]),
+            lambda got, want, inp: torch.equal(got[0], want[0]) and int(got[1]) == int(want[1])),
+    OpBench("gather_rows", _rows_cases, _rows_inputs, _returns("gather_rows", "x", "idx", "count"),
+            lambda inp, impls: [("index_select(nhwc view)" if _is_cl(inp["x"]) else "index_select",
+                                 lambda: gather_composition(inp["x"], inp["rows"]))],
+            lambda inp: gather_composition(inp["x"], inp["rows"]),
+            lambda got, want, inp: torch.equal(got, want)),
+    OpBench("scatter_relu_", _rows_cases, _scatter_inputs,
+            _updates("scatter_residual_relu_", ("out", "y", "idx", "count"), ("out",)),
+            _scatter_baselines, _scatter_expected,
+            lambda got, want, inp: torch.equal(got[0], want)),
+    OpBench("downsample_b", _downsample_cases, _downsample_inputs,
+            _returns("downsample_b", "x", "out_channels"),
+            lambda inp, impls: [("avg_pool2d+cat",
+                                 lambda: downsample_composition(inp["x"], inp["out_channels"]))],
+            lambda inp: downsample_composition(inp["x"], inp["out_channels"]),
+            lambda got, want, inp: torch.equal(got, want)),
+    OpBench("relu_pool_", _pool_cases(None), _relu_pool_inputs,
+            _updates("relu_pool_", ("x", "pooled"), ("x", "pooled")),
+            _relu_pool_baselines,
+            lambda inp: (torch.relu(inp["x"]), torch.relu(inp["x"]).mean(dim=(2, 3))),
+            lambda got, want, inp: torch.equal(got[0], want[0]) and _mean_close(got[1], want[1])),
+    OpBench("scatter_pool_", _pool_cases(0.5), _scatter_pool_inputs,
+            _updates("scatter_residual_relu_pool_", ("out", "y", "idx", "count", "pooled"),
+                     ("out", "pooled")),
+            _scatter_pool_baselines, _scatter_pool_expected, _scatter_pool_same),
+    OpBench("gate_step", lambda device, quick: [((64, c), "-", None) for c in (16, 32, 64)], _gate_inputs,
+            _returns("recurrent_gate_step", *GATE_ARGS),
+            lambda inp, impls: [("addmm+lstm_cell+addmm", lambda: gate_composition(*_gate_args(inp)))],
+            lambda inp: gate_composition(*_gate_args(inp)),
+            lambda got, want, inp: all(_mean_close(a, w) for a, w in zip(got, want))),
+]
+
+
 def run_ops(args, device: torch.device, backends: list[str], threads: int) -> tuple[list[dict], bool]:
-    mrt = args.min_run_time
-    rounds = args.rounds
     gen = torch.Generator().manual_seed(0)
     impls = {b: get_backend(b, device) for b in backends}
     interp = device.type == "cpu" and interpreter_on()
     results: list[dict] = []
     all_ok = True
+
+    def checked(bench, run, result, want, inp):
+        """(run, None) if the backend's result is the baseline's, else (None, the error)."""
+        try:
+            ok = bench.same(result(), want, inp)
+        except Exception as exc:  # a backend that cannot run this case: report, go on
+            return None, f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
+        if not ok:
+            return None, "result differs from the baseline"
+        return run, None
 
     def timed(base_fns, backend_fns):
         """Times [*base_fns, *backend_fns] interleaved; backend_fns[b] None = failed check."""
@@ -335,7 +560,7 @@ def run_ops(args, device: torch.device, backends: list[str], threads: int) -> tu
                 pos[b] = k
                 k += 1
         once_idx = frozenset(pos[b] for b in pos if b == "triton" and interp)
-        ts = compare_us(fns, mrt, threads, rounds, once=once_idx)
+        ts = compare_us(fns, args.min_run_time, threads, args.rounds, once=once_idx)
         return ts[:len(base_fns)], {b: ts[pos[b]] if b in pos else None for b in backend_fns}
 
     def record(op, shape, layout, frac, base_name, base_us, times: dict, errors: dict):
@@ -362,166 +587,24 @@ def run_ops(args, device: torch.device, backends: list[str], threads: int) -> tu
         for b, e in errors.items():
             print(f"    {b}: {e}", flush=True)
 
-    def checked(b, make_fn, check):
-        """make_fn() -> the timed closure; check() raises/returns False on a mismatch."""
-        try:
-            ok = check()
-        except Exception as exc:  # a backend that cannot run this case: report, go on
-            return None, f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
-        if ok is False:
-            return None, "result differs from the baseline"
-        return make_fn(), None
-
     print(f"{'op':<13} {'shape':<16} {'fmt':<5} {'active':>6} {'baseline':<26} {'base [us]':>10} "
           + " ".join(f"{b + ' [us]':>10} {'ratio':>7}" for b in backends))
     print("-" * (80 + 19 * len(backends)))
-
-    # partition
-    for n in ([128] if args.quick else [64, 128, 256]):
-        for frac in FRACTIONS:
-            mask = (torch.rand(n, generator=gen) < frac).to(device)
-            want = partition_composition(mask)
+    for bench in OPS:
+        for shape, layout, frac in bench.cases(device, args.quick):
+            inp = bench.inputs(shape, layout, frac, device, gen)
+            want = bench.expected(inp)
             fns, errs = {}, {}
             for b in backends:
-                f = impls[b].partition
-
-                def check(f=f):
-                    i, c = f(mask)
-                    return torch.equal(i, want[0]) and int(c) == int(want[1])
-                fns[b], err = checked(b, lambda f=f: (lambda: f(mask)), check)
+                run, result = bench.dynexec(impls[b], inp)
+                fns[b], err = checked(bench, run, result, want, inp)
                 if err:
                     errs[b] = err
-            (base,), times = timed([lambda: partition_composition(mask)], fns)
-            record("partition", (n,), "-", frac, "nonzero+cat", base, times, errs)
-
-    for shape, layout in op_shapes(device, args.quick):
-        x = torch.randn(shape, generator=gen).to(device)
-        if layout == "cl":
-            x = x.contiguous(memory_format=torch.channels_last)
-        n = shape[0]
-        for frac in FRACTIONS:
-            count = count_for(frac, n)
-            idx = torch.randperm(n, generator=gen).to(device)
-            rows = idx[:count]
-            # gather_rows
-            want = gather_composition(x, rows)
-            fns, errs = {}, {}
-            for b in backends:
-                f = impls[b].gather_rows
-                fns[b], err = checked(b, lambda f=f: (lambda: f(x, idx, count)),
-                                      lambda f=f: torch.equal(f(x, idx, count), want))
-                if err:
-                    errs[b] = err
-            (base,), times = timed([lambda: gather_composition(x, rows)], fns)
-            record("gather_rows", shape, layout, frac,
-                   "index_select(nhwc view)" if layout == "cl" else "index_select", base, times, errs)
             del want
-            # scatter_residual_relu_
-            y = torch.randn((count, *shape[1:]), generator=gen).to(device)
-            if layout == "cl":
-                y = y.contiguous(memory_format=torch.channels_last)
-            want = x.clone()
-            scatter_inplace_composition(want, y, idx, count)
-            out_b = x.clone()
-            fns, errs = {}, {}
-            for b in backends:
-                f = impls[b].scatter_residual_relu_
-                out_k = x.clone()
-
-                def check(f=f, out_k=out_k):
-                    f(out_k, y, idx, count)
-                    return torch.equal(out_k, want)
-                fns[b], err = checked(b, lambda f=f, out_k=out_k: (lambda: f(out_k, y, idx, count)), check)
-                if err:
-                    errs[b] = err
-            (b1, b2), times = timed([lambda: scatter_outofplace_composition(out_b, y, idx, count),
-                                     lambda: scatter_inplace_composition(out_b, y, idx, count)], fns)
-            name = "sel+add+relu+index_copy_" if b1 <= b2 else "sel+add_+relu_+index_copy_"
-            record("scatter_relu_", shape, layout, frac, name, min(b1, b2), times, errs)
-            del want, fns
-
-    # downsample_b (BlockDrop's CIFAR shortcut: channels double at stage boundaries)
-    for shape, layout in [(s, "nchw") for s in CIFAR[:2]] + [(s, "cl") for s in CIFAR[:2]]:
-        x = torch.randn(shape, generator=gen).to(device)
-        if layout == "cl":
-            x = x.contiguous(memory_format=torch.channels_last)
-        oc = 2 * shape[1]
-        want = downsample_composition(x, oc)
-        fns, errs = {}, {}
-        for b in backends:
-            f = impls[b].downsample_b
-            fns[b], err = checked(b, lambda f=f: (lambda: f(x, oc)),
-                                  lambda f=f: torch.equal(f(x, oc), want))
-            if err:
-                errs[b] = err
-        (base,), times = timed([lambda: downsample_composition(x, oc)], fns)
-        record("downsample_b", shape, layout, None, "avg_pool2d+cat", base, times, errs)
-
-    # SkipNet's recurrent gate: the pooling ops (vs the separate passes they replace) and
-    # the gate step (vs the composite of ATen ops), at CIFAR shapes in channels_last.
-    for shape in CIFAR:
-        n, c = shape[:2]
-        x = torch.randn(shape, generator=gen).to(device).contiguous(memory_format=torch.channels_last)
-        want = torch.relu(x)
-        want_pool = want.mean(dim=(2, 3))
-        fns, errs = {}, {}
-        for b in backends:
-            f, x_k, pool_k = impls[b].relu_pool_, x.clone(), x.new_empty((n, c))
-
-            def check(f=f, x_k=x_k, pool_k=pool_k):
-                f(x_k, pool_k)
-                return torch.equal(x_k, want) and torch.allclose(pool_k, want_pool, rtol=1e-4, atol=1e-5)
-            fns[b], err = checked(b, lambda f=f, x_k=x_k, pool_k=pool_k: (lambda: f(x_k, pool_k)), check)
-            if err:
-                errs[b] = err
-        x_b = x.clone()
-        (base,), times = timed([lambda: x_b.relu_().mean(dim=(2, 3))], fns)
-        record("relu_pool_", shape, "cl", None, "relu_+mean", base, times, errs)
-
-        count = count_for(0.5, n)
-        idx = torch.randperm(n, generator=gen).to(device)
-        y = torch.randn((count, *shape[1:]), generator=gen).to(device).contiguous(
-            memory_format=torch.channels_last)
-        want = x.clone()
-        scatter_inplace_composition(want, y, idx, count)
-        want_pool = want.mean(dim=(2, 3))[idx[:count]]
-        fns, errs = {}, {}
-        for b in backends:
-            f, out_k, pool_k = impls[b].scatter_residual_relu_pool_, x.clone(), x.new_zeros((n, c))
-
-            def check(f=f, out_k=out_k, pool_k=pool_k):
-                f(out_k, y, idx, count, pool_k)
-                return torch.equal(out_k, want) and torch.allclose(
-                    pool_k[idx[:count]], want_pool, rtol=1e-4, atol=1e-5)
-            fns[b], err = checked(b, lambda f=f, out_k=out_k, pool_k=pool_k:
-                                  (lambda: f(out_k, y, idx, count, pool_k)), check)
-            if err:
-                errs[b] = err
-        out_b, scatter = x.clone(), impls.get("native", impls[backends[0]]).scatter_residual_relu_
-        (base,), times = timed([lambda: (scatter(out_b, y, idx, count), out_b.mean(dim=(2, 3)))], fns)
-        record("scatter_pool_", shape, "cl", 0.5, "scatter_relu_+mean", base, times, errs)
-
-    hidden, embed = 10, 10  # SkipNet's recurrent gate
-    for c in (16, 32, 64):
-        n = 64
-        g = [torch.randn(s, generator=gen).to(device) for s in
-             [(n, c), (c, embed), (embed,), (4 * hidden, embed), (4 * hidden, hidden), (4 * hidden,),
-              (4 * hidden,), (hidden, 1), (1,), (n, hidden), (n, hidden)]]
-
-        def composite():
-            e = torch.addmm(g[2], g[0], g[1])
-            hx, cx = torch.lstm_cell(e, (g[9], g[10]), g[3], g[4], g[5], g[6])
-            return torch.sigmoid(torch.addmm(g[8], hx, g[7])).reshape(-1), hx, cx
-        want = composite()
-        fns, errs = {}, {}
-        for b in backends:
-            f = impls[b].recurrent_gate_step
-            fns[b], err = checked(b, lambda f=f: (lambda: f(*g)), lambda f=f: all(
-                torch.allclose(a, w, rtol=1e-4, atol=1e-5) for a, w in zip(f(*g), want)))
-            if err:
-                errs[b] = err
-        (base,), times = timed([composite], fns)
-        record("gate_step", (n, c), "-", None, "addmm+lstm_cell+addmm", base, times, errs)
+            names, base_fns = zip(*bench.baselines(inp, impls))
+            base_ts, times = timed(base_fns, fns)
+            k = min(range(len(base_ts)), key=base_ts.__getitem__)  # the fastest (the first on a tie)
+            record(bench.op, shape, layout, frac, names[k], base_ts[k], times, errs)
     return results, all_ok
 
 
@@ -614,7 +697,8 @@ def run_fused(args, device: torch.device, threads: int, smoke: bool) -> tuple[li
     base_name = {"first": "gather+conv+relu", "mid": "conv+relu",
                  "last": "conv+sel+add+relu+index_copy_"}
     tag = f" [{INTERPRETER_NOTE}]" if interp else ""
-    print(f"{'case':<44} {'active':>10} {'dtype':<5} {'baseline':<30} {'cuDNN [us]' if not interp else 'torch [us]':>11} "
+    base_col = "torch [us]" if interp else "cuDNN [us]"
+    print(f"{'case':<44} {'active':>10} {'dtype':<5} {'baseline':<30} {base_col:>11} "
           f"{'fused [us]':>11} {'ratio':>7} {'max err':>9}{tag}")
     print("-" * 136)
     try:
@@ -624,8 +708,9 @@ def run_fused(args, device: torch.device, threads: int, smoke: bool) -> tuple[li
                 for frac in FUSED_FRACTIONS:
                     base, fused, check, count = build_fused_case(case, frac, dtype, tf32, device, gen, ic)
                     tol = tolerance(dtype, tf32)
-                    row = dict(section="fused_conv", device=device.type, op=f"conv{case.kernel}x{case.kernel}",
-                               **asdict(case), out_size=case.out_size, layout="nhwc", active=frac,
+                    row = dict(section="fused_conv", device=device.type,
+                               op=f"conv{case.kernel}x{case.kernel}", **asdict(case),
+                               out_size=case.out_size, layout="nhwc", active=frac,
                                count=count, dtype=dtype_name(dtype, tf32), baseline=base_name[case.role],
                                backend="triton", tol=tol,
                                timing="interpreter" if interp else "blocked_autorange")
@@ -677,7 +762,8 @@ def run_winograd(args, threads: int) -> tuple[list[dict], bool]:
         return [], True
     gen = torch.Generator().manual_seed(2)
     results, all_ok = [], True
-    print(f"{'conv3x3':<22} {'batch':>5} {'oneDNN [us]':>12} {'Winograd [us]':>14} {'ratio':>7} {'max err':>9}")
+    print(f"{'conv3x3':<22} {'batch':>5} {'oneDNN [us]':>12} {'Winograd [us]':>14} {'ratio':>7} "
+          f"{'max err':>9}")
     print("-" * 74)
     for c, size, n in winograd_cases(args.quick):
         w = torch.randn(c, c, 3, 3, generator=gen) / (9 * c) ** 0.5
@@ -728,7 +814,8 @@ def main(argv=None) -> int:
                    help="comma-separated subset of native,triton,torch for the ops section "
                         "(default: every one available on the device)")
     p.add_argument("--sections", default=None,
-                   help="comma-separated subset of ops,fused,winograd (default: all; with --fused-smoke: fused)")
+                   help="comma-separated subset of ops,fused,winograd "
+                        "(default: all; with --fused-smoke: fused)")
     p.add_argument("--fused-smoke", action="store_true",
                    help="fused section with tiny shapes (on CPU needs TRITON_INTERPRET=1)")
     p.add_argument("--min-run-time", type=float, default=None,
@@ -802,7 +889,8 @@ def main(argv=None) -> int:
             ok &= ok_f
             fused_ran = True
     if "winograd" in sections:
-        print("\n== Winograd F(2x2, 3x3) vs oneDNN's direct convolution (CPU, NHWC; ratio = oneDNN / Winograd)")
+        print("\n== Winograd F(2x2, 3x3) vs oneDNN's direct convolution "
+              "(CPU, NHWC; ratio = oneDNN / Winograd)")
         if device.type != "cpu":
             print("skipped: a CPU kernel (run with --device cpu)")
         else:

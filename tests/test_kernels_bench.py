@@ -2,7 +2,6 @@
 subprocess (the CPU ops section, and the fused-conv section's interpreter smoke test)."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -12,19 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from benchmarks import kernels as kb  # (the checkout's root is on pytest's pythonpath)
+
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "kernels.py"
-
-
-def _load():
-    spec = importlib.util.spec_from_file_location("dynexec_kernels_bench", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod  # dataclasses look their module up there
-    spec.loader.exec_module(mod)
-    return mod
-
-
-kb = _load()
 
 
 # ---- helpers ------------------------------------------------------------------------------
@@ -159,6 +149,39 @@ def test_baseline_compositions_match_reference():
         assert z.stride() == ref.downsample_b(t, 8).stride()
 
 
+def test_ops_table_has_one_entry_per_op():
+    assert [b.op for b in kb.OPS] == ["partition", "gather_rows", "scatter_relu_", "downsample_b",
+                                      "relu_pool_", "scatter_pool_", "gate_step"]
+    cpu = torch.device("cpu")
+    for quick in (True, False):
+        for b in kb.OPS:
+            cases = b.cases(cpu, quick)
+            assert cases and len(set(cases)) == len(cases), b.op
+
+
+@pytest.mark.parametrize("bench", kb.OPS, ids=lambda b: b.op)
+def test_ops_table_entry_checks_a_backend_against_its_compositions(bench):
+    """The first quick CPU case of each entry: the torch backend's result passes the
+    entry's check, a corrupted one does not, and every composition runs."""
+    from dynexec.runtime.ops import get_backend
+    cpu = torch.device("cpu")
+    shape, layout, frac = bench.cases(cpu, True)[0]
+    inp = bench.inputs(shape, layout, frac, cpu, torch.Generator().manual_seed(0))
+    want = bench.expected(inp)
+    ops = get_backend("torch", cpu)
+    run, result = bench.dynexec(ops, inp)
+    got = result()
+    assert bench.same(got, want, inp)
+    first = got[0] if isinstance(got, tuple) else got
+    first[(0,) * first.dim()] += 1  # (in the compared tensor itself)
+    assert not bench.same(got, want, inp)
+    baselines = bench.baselines(inp, {"torch": ops})
+    assert baselines and all(isinstance(name, str) and callable(fn) for name, fn in baselines)
+    for _, fn in baselines:
+        fn()
+    run()  # the timed closure
+
+
 # ---- end to end ---------------------------------------------------------------------------
 def _run(args, env_update, tmp_path, name, timeout):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
@@ -174,6 +197,7 @@ ROW_FIELDS = {"section", "device", "op", "backend", "baseline", "baseline_us", "
               "ok", "timing", "active", "layout", "dtype"}
 
 
+@pytest.mark.slow
 def test_quick_cpu_ops_run(tmp_path):
     # The quick shapes with shortened timing (--rounds 1 --min-run-time 0.01): the code path
     # of `--quick --device cpu --threads 1`, in a few seconds.
@@ -203,6 +227,7 @@ def test_quick_cpu_ops_run(tmp_path):
     assert "fused indexed conv vs cuDNN" in stdout and "skipped" in stdout
 
 
+@pytest.mark.slow
 def test_fused_smoke_under_interpreter(tmp_path):
     pytest.importorskip("triton")
     data, stdout = _run(["--fused-smoke", "--device", "cpu", "--threads", "1"],
@@ -228,7 +253,8 @@ def test_quick_cpu_winograd_run(tmp_path):
     if not winograd_available():
         pytest.skip("no Winograd kernel here (needs dynexec._C with oneDNN and AVX2 + FMA)")
     data, stdout = _run(["--quick", "--device", "cpu", "--threads", "1", "--rounds", "1",
-                         "--min-run-time", "0.01", "--sections", "winograd"], {}, tmp_path, "winograd", timeout=90)
+                         "--min-run-time", "0.01", "--sections", "winograd"], {}, tmp_path, "winograd",
+                        timeout=90)
     assert data["all_ok"] and data["sections"] == ["winograd"]
     rows = data["results"]
     assert {(r["channels"], r["size"], r["batch"]) for r in rows} == set(kb.winograd_cases(quick=True))
