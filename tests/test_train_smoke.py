@@ -80,6 +80,7 @@ def runs(tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_base_loss_decreases_and_checkpoint_loads(runs):
     _assert_decreases(runs["base"]["history"])
     obj = torch.load(runs["base"]["checkpoint"], weights_only=True)
@@ -90,6 +91,7 @@ def test_base_loss_decreases_and_checkpoint_loads(runs):
     _assert_engine_parity(model, runs["x"])
 
 
+@pytest.mark.slow
 def test_sp_loss_decreases_and_routing_parity(runs):
     _assert_decreases(runs["sp"]["history"])
     model = load_checkpoint(runs["sp"]["checkpoint"])
@@ -97,6 +99,7 @@ def test_sp_loss_decreases_and_routing_parity(runs):
     _assert_engine_parity(model, runs["x"])
 
 
+@pytest.mark.slow
 def test_hrl_loss_decreases_and_routing_parity(runs):
     _assert_decreases(runs["hrl"]["history"], key="ce")
     model = load_checkpoint(runs["hrl"]["checkpoint"])
@@ -104,6 +107,7 @@ def test_hrl_loss_decreases_and_routing_parity(runs):
     _assert_engine_parity(model, runs["x"])
 
 
+@pytest.mark.slow
 def test_blockdrop_base_backbone_file(runs):
     _assert_decreases(runs["bd_base"]["history"])
     obj = torch.load(runs["bd_base"]["checkpoint"], weights_only=True)
@@ -113,6 +117,7 @@ def test_blockdrop_base_backbone_file(runs):
     _assert_engine_parity(model, runs["x"])
 
 
+@pytest.mark.slow
 def test_curriculum_improves_reward_and_loads(runs):
     # The policy-gradient surrogate is not a loss that must fall; what must improve is
     # the reward of the agent's (greedy) policy on the batch. With penalty 0 the reward
@@ -131,6 +136,7 @@ def test_curriculum_improves_reward_and_loads(runs):
     _assert_engine_parity(model, runs["x"])
 
 
+@pytest.mark.slow
 def test_finetune_loss_decreases_and_loads(runs):
     _assert_decreases(runs["finetune"]["history"], key="ce")
     obj = torch.load(runs["finetune"]["checkpoint"], weights_only=True)
@@ -140,6 +146,7 @@ def test_finetune_loss_decreases_and_loads(runs):
     _assert_engine_parity(model, runs["x"])
 
 
+@pytest.mark.slow
 def test_logs_and_resume_file(runs):
     run_dir = runs["root"] / "hrl"
     rows = [json.loads(line) for line in open(run_dir / "log.jsonl")]
@@ -147,6 +154,7 @@ def test_logs_and_resume_file(runs):
     assert (run_dir / "log.csv").exists() and (run_dir / "resume.pt").exists()
 
 
+@pytest.mark.slow
 def test_resume_continues_where_it_stopped(tmp_path):
     """Interrupting after 3 of 6 iterations and resuming gives the same weights as an
     uninterrupted run."""

@@ -106,6 +106,7 @@ def test_isa_default_is_the_widest_the_cpu_has():
     assert torch.ops.dynexec.winograd_isa() == ("avx512" if _cpu_has_avx512() else "avx2")
 
 
+@pytest.mark.slow
 def test_avx2_and_default_isa_agree_bitwise(tmp_path):
     """Forced AVX2 against the default (AVX-512 where the CPU has it): the same
     multiply-adds in the same order per output, so the same bits."""
@@ -119,6 +120,7 @@ def test_avx2_and_default_isa_agree_bitwise(tmp_path):
         assert torch.equal(a["outs"][key], b["outs"][key]), key
 
 
+@pytest.mark.slow
 def test_bad_isa_setting_is_a_clear_error(tmp_path):
     bad = _run_with_isa("avx1024", tmp_path / "c.pt")
     assert bad.returncode != 0
