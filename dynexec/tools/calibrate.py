@@ -6,6 +6,8 @@ numbers are reported; and by the tests to get mixed, all-on and all-off routings
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from torch import nn
 
@@ -26,56 +28,93 @@ def _router_bias(model: RoutedModel) -> list[torch.Tensor]:
     raise TypeError(f"{type(model).__name__} has no router to calibrate")
 
 
+def _margin_layers(model: RoutedModel) -> list[tuple[nn.Module, Callable]]:
+    """(module, margin of its output): a decision executes iff margin > 0 (SkipNet) or
+    >= 0 (BlockDrop), and the router bias adds to every margin."""
+    if isinstance(model, BlockDrop):
+        return [(model.agent.logit, lambda y: y)]                       # p = sigmoid(y)
+    if model.gate_type == "rnn":
+        return [(model.control.proj, lambda y: y.reshape(y.shape[0]))]  # p = sigmoid(y)
+    return [(g.linear_layer, lambda y: (y[:, 1] - y[:, 0]).reshape(y.shape[0])) for g in model.gates()]
+
+
+def _routing_and_margins(model: RoutedModel, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One forward: (routing [N, K], the margins of every decision it made, flattened)."""
+    recorded = []
+    hooks = [m.register_forward_hook(lambda _m, _i, y, f=f: recorded.append(f(y).double()))
+             for m, f in _margin_layers(model)]
+    try:
+        routing = model.forward_routing(x)[1]
+    finally:
+        for h in hooks:
+            h.remove()
+    if isinstance(model, BlockDrop):
+        return routing, recorded[0].flatten()
+    # SkipNet: a margin per gate step (feed-forward gates: the hooks of the used gates)
+    return routing, torch.stack(recorded[: model.num_blocks - 1], dim=1).flatten()
+
+
+def _offset_for(margins: torch.Tensor, executed: int) -> float:
+    """The offset midway between the margins where exactly ``executed`` of them (the
+    largest) end up above 0 — as far from flipping any decision as these margins allow."""
+    m = margins.sort(descending=True).values
+    if executed <= 0:
+        return float(-m[0] - 1.0)
+    if executed >= m.numel():
+        return float(-m[-1] + 1.0)
+    return float(-(m[executed - 1] + m[executed]) / 2)
+
+
 @torch.no_grad()
-def calibrate(model: RoutedModel, x: torch.Tensor, target: float, *, iters: int = 16,
-              span: float = 20.0, edge_iters: int = 10) -> float:
-    """Shift the router bias so that the executed fraction on ``x`` is close to ``target``
-    (bisection on one common offset). Returns the fraction reached."""
+def calibrate(model: RoutedModel, x: torch.Tensor, target: float, *, tolerance: float = 0.005,
+              max_passes: int = 12) -> float:
+    """Shift the router bias by one common offset so that the executed fraction of the
+    blocks on ``x`` is within ``tolerance`` of ``target`` (or as close as ``max_passes``
+    forwards get). Returns the fraction reached.
+
+    Each pass is one forward that records every decision's margin (the pre-activation the
+    bias adds to); the next offset is set from their quantile. A policy network's margins
+    do not depend on the routing (one pass settles it); a gate's margins depend on which
+    blocks ran before it, so SkipNet's offset is refined inside the bracket of offsets
+    known to execute too few and too many blocks (bisecting it when the guess leaves it). The
+    offset ends midway between the margins nearest to 0, so float rounding elsewhere
+    (folded BatchNorm, other kernels) cannot flip a decision."""
     if not 0.0 <= target <= 1.0:
         raise ValueError(f"target must be a fraction in [0, 1], got {target}")
     biases = _router_bias(model)
     base = [b.detach().clone() for b in biases]
 
-    def routing_at(offset: float) -> torch.Tensor:
+    def shift(offset: float) -> None:
         for b, b0 in zip(biases, base):
             b.copy_(b0 + offset)
-        return model.forward_routing(x)[1]
 
-    if target >= 1.0 or target <= 0.0:
-        return routing_at(span * 10 if target >= 1.0 else -span * 10).float().mean().item()
-    lo, hi = -span, span
-    best, best_err = 0.0, float("inf")
-    for _ in range(iters):
-        mid = (lo + hi) / 2
-        frac = routing_at(mid).float().mean().item()
-        if abs(frac - target) < best_err:
-            best, best_err = mid, abs(frac - target)
-        if frac < target:
-            lo = mid
+    n, k = x.shape[0], model.num_blocks
+    always = n if isinstance(model, SkipNet) else 0  # SkipNet's block 0 always runs
+    wanted = round(target * n * k) - always
+    lo, hi = -float("inf"), float("inf")  # offsets known to execute too few / enough blocks
+    offset, best = 0.0, None              # best: (|executed - wanted|, offset keeping that routing)
+    for _ in range(max_passes):
+        shift(offset)
+        routing, margins = _routing_and_margins(model, x)
+        margins = margins - offset  # without this pass's shift
+        executed = int(routing.sum()) - always
+        if best is None or abs(executed - wanted) < best[0]:
+            # the middle of the offsets that keep this routing (its margins are fixed)
+            best = (abs(executed - wanted), _offset_for(margins, executed))
+        if abs(executed - wanted) <= tolerance * n * k:
+            break
+        if executed < wanted:
+            lo = max(lo, offset)
         else:
-            hi = mid
-    # Bisection ends next to an offset where some decision flips, i.e. with a probability
-    # right at the threshold. Move to the middle of the offsets giving the same routing, so
-    # that float rounding elsewhere cannot flip a decision.
-    routing = routing_at(best)
-    same = lambda offset: torch.equal(routing_at(offset), routing)
-    left = _edge(same, best, best - 1.0, edge_iters)
-    right = _edge(same, best, best + 1.0, edge_iters)
-    return routing_at((left + right) / 2).float().mean().item()
-
-
-def _edge(same, inside: float, outside: float, iters: int) -> float:
-    """Bisect for the boundary between an offset where ``same`` holds and one where it
-    does not (returns ``outside`` when ``same`` holds there too)."""
-    if same(outside):
-        return outside
-    for _ in range(iters):
-        mid = (inside + outside) / 2
-        if same(mid):
-            inside = mid
-        else:
-            outside = mid
-    return inside
+            hi = min(hi, offset)
+        # Where these margins put the target; a gate's margins move with the routing, so
+        # fall back to bisecting the bracket when the guess leaves it.
+        offset = _offset_for(margins, wanted)
+        if not lo < offset < hi:
+            offset = (lo + hi) / 2 if lo > -float("inf") and hi < float("inf") else \
+                (lo + 1.0 if hi == float("inf") else hi - 1.0)
+    shift(best[1])
+    return model.forward_routing(x)[1].float().mean().item()
 
 
 @torch.no_grad()
