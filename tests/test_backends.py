@@ -7,8 +7,8 @@ import sys
 import pytest
 import torch
 
-from dynexec.runtime import extension as _native
 from dynexec.runtime.ops import backend_status, get_backend
+from dynexec.runtime.ops import extension as _native
 
 
 def test_auto_picks_native_on_cpu():

@@ -1,9 +1,8 @@
 """Tests for the gpu-graph executor (backend triton-graph, dynexec.runtime.executors.gpu_graph) on CPU.
 
-Without a GPU the Triton kernels run on CPU tensors under the Triton interpreter, so
-TRITON_INTERPRET=1 is set before the kernel modules are imported (and they are reloaded
-if another test module of this process imported them in compiled mode). On CPU the
-executor never captures: the same sync-free launch sequence runs without the CUDA graph
+Without a GPU the Triton kernels run on CPU tensors under the Triton interpreter
+(conftest.py sets TRITON_INTERPRET=1 for the test process). On CPU the executor never
+captures: the same sync-free launch sequence runs without the CUDA graph
 (which needs a CUDA device).
 
 Checked: routing identical to and logits within 1e-4 (relative, fp32) of the eager
@@ -20,20 +19,16 @@ router biases so that each gated block's threshold falls midway between two samp
 logits (half the batch runs it). ``calibrate(model, x, 1.0 / 0.0)`` gives the all-on /
 all-off routings.
 """
+import contextlib
+import copy
 import os
+import subprocess
+import sys
+import textwrap
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import contextlib  # noqa: E402
-import copy  # noqa: E402
-import importlib  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-import textwrap  # noqa: E402
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
-from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 pytest.importorskip("triton")
 
@@ -45,12 +40,10 @@ from dynexec.models.skipnet import Bottleneck, SkipNet  # noqa: E402
 from dynexec.runtime.executors import gpu_graph as ge  # noqa: E402
 from dynexec.tools.calibrate import calibrate, randomize_batchnorm  # noqa: E402
 
-if os.environ.get("TRITON_INTERPRET") != "1":  # no GPU here: the interpreter is the only way
-    os.environ["TRITON_INTERPRET"] = "1"
-if not ic.INTERPRET:
-    ic = importlib.reload(ic)
-if not rg.kernels_interpreted():
-    rg = importlib.reload(rg)
+# These tests run the executor on CPU tensors, which the Triton kernels take only under the
+# interpreter (conftest.py sets TRITON_INTERPRET=1 when there is no CUDA device).
+pytestmark = pytest.mark.skipif(not (ic.INTERPRET and rg.kernels_interpreted()),
+                                reason="CPU tests of the gpu-graph executor need the Triton interpreter")
 
 N = 8
 TOL = 1e-4
