@@ -3,6 +3,7 @@
     python benchmarks/latency.py --device cpu            # embedded default models
     python benchmarks/latency.py --gpu a100 --json a100.json
     python benchmarks/latency.py --quick                 # < 90 s on 2 CPU cores
+    python benchmarks/latency.py --peers onnxruntime,openvino   # only these dense peers
 
 Methods, timed side by side in one process, interleaved in a shuffled order every round,
 after warm-up (median and p20/p80 of the repeats):
@@ -11,12 +12,23 @@ after warm-up (median and p20/p80 of the repeats):
                    blocks (BlockDrop's forward_single approach)
   dense-engine     the dynexec engine with every block forced on (baseline for realization)
   dynexec          the engine with the real routing, one row per available backend
+  peer:<runtime>   the dense model (every block, no router, the model's own weights) in the
+                   runtime a user would otherwise deploy it with (benchmarks/peers.py):
+                   peer:torch-eager, peer:torch-eager-cl (channels_last), peer:torch-compile
+                   (Inductor; on CPU with freezing), peer:onnxruntime, peer:openvino (CPU);
+                   backend = the runtime's version. On by default (--quick: all but
+                   torch-compile); --peers LIST picks them, --no-peers leaves them out. A
+                   peer that is not installed, fails to build or run, or whose logits differ
+                   from the dense engine's by more than 1e-3 of the largest |logit| is
+                   reported (stderr and "peers_unavailable" in the JSON) and not timed
 
 theoretical speedup = dense FLOPs / executed FLOPs (gates and policy included);
 realized speedup = dense-engine time / method time; realization = realized / theoretical;
-speedup vs official = official-masked time / method time. Both time ratios are paired:
-the median over rounds of the ratio of the two methods' times in the same round (see
-paired_ratio). Every round's times are kept in the JSON ("rounds").
+speedup vs official = official-masked time / method time; speedup vs best peer = the
+best peer's time / method time, where the best peer (best_peer) is the peer with the lowest
+median time at that model and batch size. Every time ratio is paired: the median over
+rounds of the ratio of the two methods' times in the same round (see paired_ratio). Every
+round's times are kept in the JSON ("rounds").
 """
 from __future__ import annotations
 
@@ -39,10 +51,16 @@ from dynexec.runtime.ops import backend_status
 from dynexec.runtime.program import CONV_IMPLS, resolve_conv_impl, winograd_available
 from dynexec.tools.presets import PRESETS, build_preset, default_presets
 
+if __package__:  # imported as benchmarks.latency
+    from . import peers as peer_runtimes
+else:  # run as a script: benchmarks/ is on sys.path
+    import peers as peer_runtimes
+
 ROW_FIELDS = ["model", "routing_source", "device", "gpu", "batch_size", "method", "backend",
               "ms_median", "ms_p20", "ms_p80", "samples_per_s", "executed_fraction",
               "flops_dense", "flops_executed", "theoretical_speedup", "realized_speedup",
-              "realization", "speedup_vs_official"]
+              "realization", "speedup_vs_official", "speedup_vs_best_peer", "best_peer"]
+PEER_PREFIX = "peer:"
 
 
 # --------------------------------------------------------------------------------------
@@ -123,8 +141,10 @@ class Method:
     repeats_scale: float = 1.0
 
 
-def build_methods(model, engines: dict, current: dict, per_sample: bool) -> list[Method]:
-    """Each method runs on ``current['x']``, which the timing loop changes every round."""
+def build_methods(model, engines: dict, current: dict, per_sample: bool,
+                  peers: dict | None = None) -> list[Method]:
+    """Each method runs on ``current['x']``, which the timing loop changes every round;
+    ``peers`` (name -> benchmarks.peers.Peer) adds one method per dense peer."""
     any_engine = next(iter(engines.values()))
     dense = lambda x: torch.ones((x.shape[0], model.num_blocks), dtype=torch.bool, device=x.device)
 
@@ -140,6 +160,8 @@ def build_methods(model, engines: dict, current: dict, per_sample: bool) -> list
     if per_sample:
         methods.append(Method("per-sample", any_engine.backend_name,
                               lambda: [any_engine(s) for s in current["x"].split(1)]))
+    for name, peer in (peers or {}).items():
+        methods.append(Method(PEER_PREFIX + name, peer.version, lambda p=peer: p.fn(current["x"])))
     return methods
 
 
@@ -181,6 +203,22 @@ def run(args) -> dict:
     bar = tqdm(total=len(jobs), desc="latency", unit="config", file=sys.stderr,
                disable=args.no_progress) if tqdm else None
     pools: dict[int, tuple[torch.Tensor, str]] = {}
+    peers_unavailable: dict[str, str] = {}
+    peer_checks: dict[str, dict] = {}
+
+    def report_unavailable(name: str, reason: str) -> None:
+        """One line on stderr per peer left out (and its reason in the JSON)."""
+        line = f"peer {name} unavailable: {reason}"
+        if bar:
+            bar.write(line, file=sys.stderr)
+        else:
+            print(line, file=sys.stderr)
+        previous = peers_unavailable.get(name)
+        peers_unavailable[name] = reason if previous is None else f"{previous}; {reason}"
+
+    for name, reason in peer_runtimes.unavailable_peers(args.peers).items():
+        report_unavailable(name, reason)
+    peer_names = [n for n in args.peers if n not in peers_unavailable]
 
     def images_for(size: int) -> tuple[torch.Tensor, str]:
         """The benchmark's input pool for one image size, read once for every model."""
@@ -198,6 +236,20 @@ def run(args) -> dict:
         table = count_flops(model)
         engines = {b: dynexec.compile(model, backend=b, convolutions=args.convolutions)
                    for b in args.backends}
+        peers = {}
+        if peer_names:
+            # checked against the dense engine: the peers must compute what it computes
+            any_engine = next(iter(engines.values()))
+            all_on = lambda x: torch.ones((x.shape[0], model.num_blocks), dtype=torch.bool, device=x.device)
+            peers, failed = peer_runtimes.build_peers(
+                model, peer_names, args.batch_sizes, images,
+                lambda x: any_engine(x, routing=all_on(x)), threads=torch.get_num_threads())
+            for name, reason in failed.items():
+                report_unavailable(name, f"{model_name}: {reason}")
+            peer_checks[model_name] = {
+                name: {"version": p.version, "build_s": p.build_s,
+                       "max_rel_error": {str(b): e for b, e in p.max_rel_error.items()}}
+                for name, p in peers.items()}
         for batch in args.batch_sizes:
             # A pool of distinct batches (fewer for big inputs, to bound memory).
             n_batches = max(1, min(args.pool, images.shape[0] // batch,
@@ -209,16 +261,19 @@ def run(args) -> dict:
             flops_exec = float(table.executed(routing).mean())
             per_sample = (not args.quick or batch <= 64) and not args.no_per_sample
             current: dict = {}
-            methods = build_methods(model, engines, current, per_sample)
+            methods = build_methods(model, engines, current, per_sample, peers)
             times = time_methods(methods, batches, current, timer, args.repeats, args.warmup)
             med = {k: statistics.median(v) for k, v in times.items()}
             dense_times = times[f"dense-engine/{methods[1].backend}"]
             official_times = times["official-masked/-"]
             rounds.append({"model": model_name, "batch_size": batch, "times_ms": times})
+            peer_methods = [m for m in methods if m.name.startswith(PEER_PREFIX)]
+            best = min(peer_methods, key=lambda m: med[f"{m.name}/{m.backend}"], default=None)
+            best_times = times[f"{best.name}/{best.backend}"] if best else None
             for m in methods:
                 key = f"{m.name}/{m.backend}"
                 t = times[key]
-                if m.name == "dense-engine":
+                if m.name == "dense-engine" or m.name.startswith(PEER_PREFIX):
                     frac, f_exec = 1.0, float(table.dense)
                 elif m.name == "official-masked":
                     frac, f_exec = 1.0, float(table.dense + table.router)
@@ -235,13 +290,17 @@ def run(args) -> dict:
                     "flops_executed": f_exec, "theoretical_speedup": theoretical,
                     "realized_speedup": realized, "realization": realized / theoretical,
                     "speedup_vs_official": paired_ratio(official_times, t),
+                    "speedup_vs_best_peer": paired_ratio(best_times, t) if best else None,
+                    "best_peer": best.name if best else "",
                 })
             if bar:
                 bar.update(1)
     if bar:
         bar.close()
     return {"machine": machine_info(device, args), "inputs": inputs,
-            "speedup_estimator": SPEEDUP_ESTIMATOR, "rows": rows, "rounds": rounds}
+            "speedup_estimator": SPEEDUP_ESTIMATOR, "rows": rows, "rounds": rounds,
+            "peers_requested": list(args.peers), "peers_unavailable": peers_unavailable,
+            "peer_checks": peer_checks}
 
 
 def _model(args, name: str, images_for):
@@ -283,14 +342,26 @@ def machine_info(device: torch.device, args) -> dict:
 
 # --------------------------------------------------------------------------------------
 def print_table(result: dict) -> None:
-    cols = [("model", 18), ("src", 10), ("batch", 5), ("method", 15), ("backend", 7), ("ms", 9),
-            ("samples/s", 9), ("exec", 5), ("theory", 6), ("realized", 8), ("realiz.", 7), ("vs off.", 7)]
+    """One line per row; with peers, 'vs peer' (speedup_vs_best_peer) on every row and the
+    best peer's name on the dynexec rows."""
+    rows = result["rows"]
+    with_peers = any(r.get("best_peer") for r in rows)
+    width = lambda key, least: max([least] + [len(str(r[key])) for r in rows])
+    cols = [("model", 18), ("src", 10), ("batch", 5), ("method", width("method", 15)),
+            ("backend", width("backend", 7)), ("ms", 9), ("samples/s", 9), ("exec", 5),
+            ("theory", 6), ("realized", 8), ("realiz.", 7), ("vs off.", 7)]
+    if with_peers:
+        cols += [("vs peer", 7), ("best peer", 14)]
     print("  ".join(f"{c:>{w}}" for c, w in cols))
-    for r in result["rows"]:
+    for r in rows:
         vals = [r["model"], r["routing_source"], r["batch_size"], r["method"], r["backend"],
                 f"{r['ms_median']:.2f}", f"{r['samples_per_s']:.0f}", f"{r['executed_fraction']:.2f}",
                 f"{r['theoretical_speedup']:.2f}", f"{r['realized_speedup']:.2f}",
                 f"{r['realization']:.2f}", f"{r['speedup_vs_official']:.2f}"]
+        if with_peers:
+            ratio = r.get("speedup_vs_best_peer")
+            vals += ["-" if ratio is None else f"{ratio:.2f}",
+                     r["best_peer"].removeprefix(PEER_PREFIX) if r["method"] == "dynexec" else ""]
         print("  ".join(f"{str(v):>{w}}" for v, (_, w) in zip(vals, cols)))
 
 
@@ -338,6 +409,8 @@ def plot(result: dict, path: str) -> None:
     import matplotlib.pyplot as plt
 
     rows = [r for r in result["rows"] if r["method"] == "dynexec"]
+    best_peer_rows = [r for r in result["rows"] if r["method"].startswith(PEER_PREFIX)
+                      and r["method"] == r["best_peer"]]
     models = sorted({r["model"] for r in rows})
     fig, axes = plt.subplots(1, len(models), figsize=(4.5 * len(models), 3.6), squeeze=False)
     for ax, name in zip(axes[0], models):
@@ -349,6 +422,14 @@ def plot(result: dict, path: str) -> None:
         sel = sorted((r for r in rows if r["model"] == name), key=lambda r: r["batch_size"])
         ax.plot([r["batch_size"] for r in sel], [r["theoretical_speedup"] for r in sel], "k--",
                 label="theoretical (FLOPs)")
+        # the fastest dense peer at each batch size (dynexec beats it where its line is above)
+        best = sorted((r for r in best_peer_rows if r["model"] == name), key=lambda r: r["batch_size"])
+        if best:
+            ax.plot([r["batch_size"] for r in best], [r["realized_speedup"] for r in best], "s",
+                    color="0.4", label="best dense peer")
+            for r in best:
+                ax.annotate(r["method"].removeprefix(PEER_PREFIX), (r["batch_size"], r["realized_speedup"]),
+                            textcoords="offset points", xytext=(3, -9), fontsize=6, color="0.3")
         ax.set_xscale("log", base=2)
         ax.set_xlabel("batch size")
         ax.set_ylabel("speedup over dense engine")
@@ -387,6 +468,12 @@ def parse_args(argv=None):
     p.add_argument("--json"), p.add_argument("--csv"), p.add_argument("--plot", help="PNG path")
     p.add_argument("--quick", action="store_true", help="small run (< 90 s on 2 CPU cores)")
     p.add_argument("--no-per-sample", action="store_true", help="skip the per-sample method")
+    p.add_argument("--peers", nargs="?", const="all", metavar="LIST",
+                   help=f"dense peers timed as methods: 'all' or a comma list of "
+                        f"{', '.join(peer_runtimes.PEERS)} (default: all; --quick: "
+                        f"{', '.join(peer_runtimes.QUICK_PEERS)}); one that is unknown, not "
+                        f"installed or fails is reported and left out")
+    p.add_argument("--no-peers", action="store_true", help="time no dense peer")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
 
@@ -420,6 +507,16 @@ def parse_args(argv=None):
             p.error(f"backend {b!r} is not available on {args.device}: {status.get(b, (0, 'unknown'))[1]}")
     if args.quick:
         args.calibration = min(args.calibration, 32)
+    if args.no_peers and args.peers is not None:
+        p.error("--peers and --no-peers exclude each other")
+    if args.no_peers:
+        args.peers = []
+    elif args.peers is None:
+        args.peers = list(peer_runtimes.QUICK_PEERS if args.quick else peer_runtimes.PEERS)
+    elif args.peers.strip() == "all":
+        args.peers = list(peer_runtimes.PEERS)
+    else:
+        args.peers = list(dict.fromkeys(n.strip() for n in args.peers.split(",") if n.strip()))
     return args
 
 
