@@ -6,9 +6,9 @@
 //
 // It computes what the portable Python loop (dynexec/runtime/executors/python_loop.py)
 // computes — per block: the branch on the routed rows, residual add and ReLU (with the
-// pooled means for the gate), one step of the recurrent gate — but without the ~6 Python-level calls per
-// block, which on 2 CPU cores cost as much as the arithmetic of a block on a small
-// sub-batch, and without their gather and scatter: the routed rows are kept in front of
+// pooled means for the gate), one step of the recurrent gate — but without the ~6
+// Python-level calls per block, which on 2 CPU cores cost as much as the arithmetic of a
+// block on a small sub-batch, and without their gather and scatter: the routed rows are kept in front of
 // the activations (RowOrder) and the branch's last convolution adds its output to them in
 // place. The kernels are the same (OneDnnChain's convolutions, the regrouping ops' CPU
 // ReLU and pooling kernels, recurrent_gate_step's CPU kernel with its LSTM weights

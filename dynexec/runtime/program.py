@@ -102,8 +102,6 @@ def resolve_batch_shards(requested) -> int:
     return requested
 
 
-
-
 @dataclass(frozen=True)
 class CpuLoop:
     """The C++ executor's loop and which parts of the forward run in it."""
@@ -146,7 +144,7 @@ def _lower_block(view: BlockView, fold_bn: bool, impl: str, ops: Backend) -> Pro
     if fold_bn and view.shortcut_layers is not None:
         shortcut = fold_layers(view.shortcut_layers).packed(impl)
     # The OneDnnChain runs the regrouping steps with the native ops: native backend only.
-    fused = ops.name == "native" and getattr(branch, "fused", None) is not None
+    fused = ops.name == "native" and _fused(branch) is not None
     return (FusedProgramBlock if fused else ProgramBlock)(
         branch=branch, shortcut_kind=view.shortcut_kind, shortcut=shortcut,
         out_channels=view.out_channels, ops=ops)
@@ -201,16 +199,32 @@ def build_cpu_loop(blocks, stem, head, router: str, gates, shards: int, model,
     return CpuLoop(loop, runs_stem, runs_head, runs_policy)
 
 
-def _lower_dense(owner, fold_bn: bool, impl: str, ops: Backend, channels_last: bool, shards: int,
-                 executor: str, model) -> Program:
-    """A network whose blocks all run (BlockDrop's policy network) as a Program."""
-    blocks = tuple(_lower_block(v, fold_bn, impl, ops) for v in owner.block_views())
-    stem, head = _lower_stem(owner, fold_bn, impl), _lower_head(owner, impl in ("onednn", "winograd"))
-    loop = build_cpu_loop(blocks, stem, head, "none", None, shards, model, None) \
-        if executor != "python" else None
+@dataclass(frozen=True)
+class _Settings:
+    """What lower() resolved once, for the network and its policy network alike."""
+    ops: Backend
+    fold_bn: bool
+    pack: str             # the convolution implementation of the folded convs ('aten': none)
+    channels_last: bool
+    shards: int
+    batch_shards: object
+    executor: str
+
+
+def _lower_network(owner, model: RoutedModel, router: str, gates, policy: Optional["Program"],
+                   settings: _Settings) -> Program:
+    """``owner``'s stem, blocks and head (the model's, or its policy network's) as a
+    Program with ``router``, on the C++ loop when it applies."""
+    st = settings
+    blocks = tuple(_lower_block(v, st.fold_bn, st.pack, st.ops) for v in owner.block_views())
+    stem = _lower_stem(owner, st.fold_bn, st.pack)
+    head = _lower_head(owner, st.pack in ("onednn", "winograd"))
+    loop = build_cpu_loop(blocks, stem, head, router, gates, st.shards, model, policy) \
+        if st.executor != "python" else None
     return Program(model=model, executor="cpu-loop" if loop else "python", stem=stem, blocks=blocks,
-                   head=head, router="none", ops=ops, cpu_loop=loop, folded=fold_bn,
-                   channels_last=channels_last, convolutions=impl)
+                   head=head, router=router, ops=st.ops, gates=gates, policy=policy, cpu_loop=loop,
+                   folded=st.fold_bn, channels_last=st.channels_last, convolutions=st.pack,
+                   batch_shards=st.batch_shards)
 
 
 def lower(model: RoutedModel, backend: str = "auto", device=None, *, fold_bn: bool = True,
@@ -249,21 +263,15 @@ def lower(model: RoutedModel, backend: str = "auto", device=None, *, fold_bn: bo
     ops = get_backend(backend, device)
     impl = resolve_conv_impl(convolutions)
     # oneDNN's packed weights return channels_last outputs, so only NHWC programs use them.
-    pack = impl if fold_bn and channels_last else "aten"
-    blocks = tuple(_lower_block(v, fold_bn, pack, ops) for v in model.block_views())
+    settings = _Settings(ops=ops, fold_bn=fold_bn,
+                         pack=impl if fold_bn and channels_last else "aten", channels_last=channels_last,
+                         shards=shards, batch_shards=batch_shards, executor=executor)
     gates = lower_gates(model, fuse=fold_bn) if model.router == "online" else None
-    policy = None
-    if model.router == "planned":
-        policy = _lower_dense(model.policy_network(), fold_bn, pack, ops, channels_last, shards,
-                              executor, model)
-    stem, head = _lower_stem(model, fold_bn, pack), _lower_head(model, pack in ("onednn", "winograd"))
-    loop = build_cpu_loop(blocks, stem, head, model.router, gates, shards, model, policy) \
-        if executor != "python" else None
-    if executor == "cpu-loop" and loop is None:
+    policy = _lower_network(model.policy_network(), model, "none", None, None, settings) \
+        if model.router == "planned" else None
+    program = _lower_network(model, model, model.router, gates, policy, settings)
+    if executor == "cpu-loop" and program.cpu_loop is None:
         raise ValueError("the cpu-loop executor needs the native backend, folded BatchNorm, "
                          "channels_last, the 'winograd' or 'onednn' convolutions and no "
                          "feed-forward gates; use executor='auto'")
-    return Program(model=model, executor="cpu-loop" if loop else "python", stem=stem, blocks=blocks,
-                   head=head, router=model.router, ops=ops, gates=gates, policy=policy, cpu_loop=loop,
-                   folded=fold_bn, channels_last=channels_last, convolutions=pack,
-                   batch_shards=batch_shards)
+    return program
